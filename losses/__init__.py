@@ -1,0 +1,30 @@
+"""Preference-tuning losses: sequence logps (SPEC §1), pairwise losses (§2), HyPO's KL term (§5)."""
+
+from losses.kl import hypo_loss, kl_surrogate
+from losses.logps import sequence_logps, shift_labels, token_logps
+from losses.preference import (
+    bradley_terry_loss,
+    dpo_loss,
+    hinge_loss,
+    ipo_loss,
+    wdpo_loss,
+    wdpo_weights,
+)
+from losses.registry import LOSSES, LossSpec, get_loss
+
+__all__ = [
+    "LOSSES",
+    "LossSpec",
+    "bradley_terry_loss",
+    "dpo_loss",
+    "get_loss",
+    "hinge_loss",
+    "hypo_loss",
+    "ipo_loss",
+    "kl_surrogate",
+    "sequence_logps",
+    "shift_labels",
+    "token_logps",
+    "wdpo_loss",
+    "wdpo_weights",
+]

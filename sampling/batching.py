@@ -1,0 +1,103 @@
+"""Host side of sampling: bucket prompts into a few padded shapes and run `generate` on them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import ModelConfig, cache_slots
+from sampling.sampler import SamplingOptions, generate
+
+
+def length_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
+    """Powers of two from `smallest` up to `max_len` (always included)."""
+    sizes, b = [], smallest
+    while b < max_len:
+        sizes.append(b)
+        b *= 2
+    return (*sizes, max_len)
+
+
+def bucket(n: int, sizes: Sequence[int]) -> int:
+    for size in sizes:
+        if n <= size:
+            return size
+    raise ValueError(f"{n} exceeds the largest bucket {max(sizes)}")
+
+
+def kv_cache_bytes(config: ModelConfig, rows: int, max_len: int, dtype: str = "float32") -> int:
+    """Bytes of the key/value cache `generate` preallocates for `rows` sequences."""
+    slots = cache_slots(config, max_len)
+    per_slot = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+    return rows * slots * (per_slot * jnp.dtype(dtype).itemsize + 4)  # + int32 slot positions
+
+
+@dataclasses.dataclass
+class Generation:
+    """Host (NumPy) results in the caller's prompt order, with the cost accounting."""
+
+    tokens: np.ndarray  # [P, S, max_new_tokens] int32
+    lengths: np.ndarray  # [P, S] int32
+    finished: np.ndarray  # [P, S] bool
+    logps: np.ndarray  # [P, S, max_new_tokens] float32
+    tokens_generated: int
+    max_cache_bytes: int
+    shapes: set[tuple[int, int]]  # the (batch, prompt length) buckets that were run
+
+
+def sample_prompts(params, prompts: Sequence[Sequence[int]], prompt_ids: Sequence[int], *,
+                   config: ModelConfig, opts: SamplingOptions, seed: int, iteration: int,
+                   batch_size: int, max_prompt_len: int, dtype: str = "float32",
+                   on_batch: Callable[[int], None] | None = None,
+                   device_put: Callable = jax.device_put) -> Generation:
+    """Samples `opts.num_samples` responses for every prompt (token id lists).
+
+    Prompts are sorted by length and cut into batches padded to power-of-two buckets, so a
+    long run compiles a handful of programs. `prompt_ids` seed each prompt's draws, so the
+    result for a prompt does not depend on which prompts are sampled with it.
+    """
+    if len(prompts) != len(prompt_ids):
+        raise ValueError(f"{len(prompts)} prompts but {len(prompt_ids)} prompt ids")
+    lens = np.array([len(p) for p in prompts], np.int64)
+    if len(prompts) and (lens.min() == 0 or lens.max() > max_prompt_len):
+        bad = int(np.argmax((lens == 0) | (lens > max_prompt_len)))
+        raise ValueError(f"prompt {bad} has {lens[bad]} tokens; allowed 1..{max_prompt_len}")
+    n, budget = opts.num_samples, opts.max_new_tokens
+    out = Generation(
+        tokens=np.full((len(prompts), n, budget), opts.pad_id, np.int32),
+        lengths=np.zeros((len(prompts), n), np.int32),
+        finished=np.zeros((len(prompts), n), bool),
+        logps=np.zeros((len(prompts), n, budget), np.float32),
+        tokens_generated=0, max_cache_bytes=0, shapes=set(),
+    )
+    batch_sizes = length_buckets(batch_size, smallest=1)
+    prompt_lens = length_buckets(max_prompt_len)
+    order = np.argsort(lens, kind="stable")
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        b, t = bucket(len(idx), batch_sizes), bucket(int(lens[idx].max()), prompt_lens)
+        tokens = np.full((b, t), opts.pad_id, np.int32)
+        mask = np.zeros((b, t), np.int32)
+        ids = np.zeros((b,), np.int32)
+        for row, i in enumerate(idx):  # left padding
+            tokens[row, t - lens[i]:] = prompts[i]
+            mask[row, t - lens[i]:] = 1
+            ids[row] = prompt_ids[i]
+        mask[len(idx):, -1] = 1  # filler rows: one real token keeps them well defined
+        res = jax.device_get(generate(
+            params, device_put(tokens), device_put(mask), device_put(ids), seed, iteration,
+            config=config, opts=opts, dtype=dtype))
+        k = len(idx)
+        out.tokens[idx], out.lengths[idx] = res.tokens_BSL[:k], res.lengths_BS[:k]
+        out.finished[idx], out.logps[idx] = res.finished_BS[:k], res.logps_BSL[:k]
+        out.tokens_generated += int(res.lengths_BS[:k].sum())
+        out.max_cache_bytes = max(out.max_cache_bytes,
+                                  kv_cache_bytes(config, b * n, t + budget, dtype))
+        out.shapes.add((b, t))
+        if on_batch is not None:
+            on_batch(k)
+    return out

@@ -1,0 +1,139 @@
+"""The jitted batched sampler: one prefill, then a `lax.while_loop` of cached decode steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from models import KVCache, ModelConfig, decode_step, prefill
+from sampling.truncation import sampling_logprobs
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """Static sampling controls (hashable: a jit static argument)."""
+
+    max_new_tokens: int
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    num_samples: int = 2
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+
+    def __post_init__(self):
+        checks = [
+            (self.max_new_tokens > 0, f"max_new_tokens={self.max_new_tokens} must be > 0"),
+            (len(self.eos_ids) > 0, "eos_ids must name at least one token id"),
+            (self.num_samples > 0, f"num_samples={self.num_samples} must be > 0"),
+            (self.temperature > 0, f"temperature={self.temperature} must be > 0 (use greedy)"),
+            (0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]"),
+            (self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 disables it)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@struct.dataclass
+class Samples:
+    """Per prompt b and sample s: response tokens (pad after EOS), lengths, EOS flags, logps."""
+
+    tokens_BSL: jax.Array  # int32
+    lengths_BS: jax.Array  # int32, EOS included
+    finished_BS: jax.Array  # bool: ended with one of the EOS ids
+    logps_BSL: jax.Array  # float32 log-probabilities under the sampling distribution, 0 on pad
+    steps: jax.Array  # int32: decode steps run (< max_new_tokens when every row ended early)
+
+
+@struct.dataclass
+class _LoopState:
+    step: jax.Array
+    logits_RV: jax.Array
+    cache: KVCache
+    tokens_RL: jax.Array
+    logps_RL: jax.Array
+    done_R: jax.Array
+    lengths_R: jax.Array
+
+
+def row_keys(seed: int | jax.Array, iteration: int | jax.Array, prompt_ids_B: jax.Array,
+             num_samples: int) -> jax.Array:
+    """One key per (prompt id, sample index): independent of batch size and neighbours."""
+    base = jax.random.fold_in(jax.random.key(seed), iteration)
+    per_prompt = jax.vmap(lambda i: jax.random.fold_in(base, i))(prompt_ids_B)
+    return jax.vmap(lambda k: jax.vmap(lambda s: jax.random.fold_in(k, s))(
+        jnp.arange(num_samples)))(per_prompt).reshape(-1)
+
+
+def _draw(keys_R, step, logits_RV, opts: SamplingOptions):
+    if opts.greedy:
+        token = jnp.argmax(logits_RV, axis=-1).astype(jnp.int32)
+        return token, jnp.zeros(token.shape, jnp.float32)
+    logp_RV = sampling_logprobs(logits_RV, temperature=opts.temperature, top_k=opts.top_k,
+                                top_p=opts.top_p)
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_R)
+    token = jax.vmap(jax.random.categorical)(step_keys, logp_RV).astype(jnp.int32)
+    return token, jnp.take_along_axis(logp_RV, token[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "opts", "dtype"))
+def generate(params, prompt_BT, mask_BT, prompt_ids_B, seed, iteration, *,
+             config: ModelConfig, opts: SamplingOptions, dtype: str = "float32") -> Samples:
+    """Samples `opts.num_samples` responses for each left-padded prompt.
+
+    The draw for (prompt id, sample index, seed, iteration) does not depend on which other
+    prompts share the batch. Decoding stops when every row has produced an EOS id or
+    `max_new_tokens` are spent.
+    """
+    b, t = prompt_BT.shape
+    n, budget = opts.num_samples, opts.max_new_tokens
+    logits_BV, cache = prefill(params, prompt_BT, mask_BT, config=config,
+                               max_len=t + budget, dtype=dtype)
+    # each prompt's prefill is shared by its n samples
+    cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, n, axis=_batch_axis(x)),
+                         cache)
+    rows = b * n
+    keys_R = row_keys(seed, iteration, prompt_ids_B, n)
+    eos = jnp.asarray(opts.eos_ids, jnp.int32)
+
+    def body(s: _LoopState) -> _LoopState:
+        token, logp = _draw(keys_R, s.step, s.logits_RV, opts)
+        token = jnp.where(s.done_R, opts.pad_id, token)
+        logp = jnp.where(s.done_R, 0.0, logp)
+        done = s.done_R | jnp.isin(token, eos)
+        lengths = s.lengths_R + (~s.done_R).astype(jnp.int32)
+        tokens = jax.lax.dynamic_update_slice(s.tokens_RL, token[:, None], (0, s.step))
+        logps = jax.lax.dynamic_update_slice(s.logps_RL, logp[:, None], (0, s.step))
+        logits, cache = decode_step(params, token, s.cache, config=config, dtype=dtype)
+        return _LoopState(s.step + 1, logits, cache, tokens, logps, done, lengths)
+
+    def cond(s: _LoopState):
+        return (s.step < budget) & ~jnp.all(s.done_R)
+
+    init = _LoopState(
+        step=jnp.zeros((), jnp.int32),
+        logits_RV=jnp.repeat(logits_BV, n, axis=0),
+        cache=cache,
+        tokens_RL=jnp.full((rows, budget), opts.pad_id, jnp.int32),
+        logps_RL=jnp.zeros((rows, budget), jnp.float32),
+        done_R=jnp.zeros((rows,), bool),
+        lengths_R=jnp.zeros((rows,), jnp.int32),
+    )
+    out = jax.lax.while_loop(cond, body, init)
+    return Samples(
+        tokens_BSL=out.tokens_RL.reshape(b, n, budget),
+        lengths_BS=out.lengths_R.reshape(b, n),
+        finished_BS=out.done_R.reshape(b, n),  # only an EOS id sets done
+        logps_BSL=out.logps_RL.reshape(b, n, budget),
+        steps=out.step,
+    )
+
+
+def _batch_axis(x: jax.Array) -> int:
+    return 1 if x.ndim == 5 else 0  # cache k/v are [L, B, C, K, H]; the rest lead with B
