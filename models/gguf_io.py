@@ -69,10 +69,8 @@ def unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
     llama.cpp interleaves each head's two rotary halves for its rotate-pairs kernel; this
     restores transformers' rotate_half layout. `num_heads` is N for q and K for k.
     """
-    rows = w.shape[0]
-    return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(
-        w.shape
-    )
+    rows, rest = w.shape[0], w.shape[1:]
+    return w.reshape(num_heads, rows // num_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
 def _open(path: str | Path) -> tuple[Path, gguf.GGUFReader]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,9 @@ from models.hf_io import CheckpointError, Params, load_hf_checkpoint
 SMOLLM2 = "smollm2"
 
 
+@functools.lru_cache(maxsize=4)
 def load_tokenizer(source: str) -> Any:
-    """The tokenizer (with chat template) of "smollm2" or a transformers directory."""
+    """The tokenizer (with chat template) of "smollm2" or a transformers directory (cached)."""
     if source == SMOLLM2:
         return load_gguf_tokenizer(find_smollm2_gguf())
     from transformers import AutoTokenizer

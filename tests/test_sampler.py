@@ -157,3 +157,14 @@ def test_a_long_run_compiles_a_handful_of_programs(tiny):
     # worth of distinct raw shapes
     assert compiled == len(shapes) <= 12
     assert all(b in (1, 2, 4, 8) and t in (16, 32, 40) for b, t in shapes)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.9), (7, 1.0), (20, 0.5), (0, 0.3)])
+def test_truncated_support_equals_sorting_reference_on_wide_vocabularies(top_k, top_p):
+    # the bisection cut-off keeps exactly the tokens a full sort keeps
+    logits = np.asarray(jax.random.normal(jax.random.key(top_k), (16, 3000)) * 3.0)
+    got = np.isfinite(np.asarray(sampling_logprobs(jnp.asarray(logits), temperature=0.8,
+                                                   top_k=top_k, top_p=top_p)))
+    for row in range(16):
+        want = numpy_truncated(logits[row].astype(np.float64), 0.8, top_k, top_p) > 0
+        np.testing.assert_array_equal(got[row], want, err_msg=f"row {row}")

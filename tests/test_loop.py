@@ -1,0 +1,132 @@
+"""The OPTune loop end to end on the tiny config: learning, accounting, exact resume, bad input."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from optune_jax import train
+from optune_jax.config import load_config
+from optune_jax.loop import OptuneRun
+
+# a smaller tiny run for the tests that only need the machinery
+MICRO = ["optune.iterations=2", "data.num_train_prompts=16", "data.num_eval_prompts=8",
+         "sampling.max_new_tokens=8", "sampling.batch_size=16", "train.batch_size=8",
+         "train.micro_batch_size=4", "train.epochs=1"]
+
+
+def micro_config(tmp_path, *extra):
+    return load_config("configs/tiny.yaml", [*MICRO, f"run.output_dir={tmp_path / 'run'}", *extra])
+
+
+def test_tiny_config_learns_and_accounts_for_generation(tmp_path, capsys):
+    out = tmp_path / "tiny"
+    assert train.main(["--config", "configs/tiny.yaml", "--no-progress",
+                       "--set", f"run.output_dir={out}"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    before, iters = records[0], records[1:]
+    assert before["iteration"] == -1 and [r["iteration"] for r in iters] == [0, 1, 2]
+    assert iters[-1]["eval.reward"] > before["eval.reward"] + 0.03  # held-out reward rises
+    assert iters[-1]["eval.win_score"] > 50
+    # SPEC §4 accounting: everything at t = 0, then ceil(0.5 * 64) prompts
+    assert [r["prompts_regenerated"] for r in iters] == [64, 32, 32]
+    assert [r["responses_generated"] for r in iters] == [128, 64, 64]
+    assert iters[-1]["total.prompts_regenerated"] == 128
+    for r in iters:
+        assert r["pairs"] + r["pairs_dropped_ties"] == 64
+        assert r["tokens_generated"] > 0
+        assert all(r[f"seconds.{k}"] > 0 for k in ("generation", "reward", "reference", "training"))
+    assert np.isnan(iters[0]["reward_kept"]) and not np.isnan(iters[1]["reward_kept"])
+    assert (out / "model" / "model.safetensors").exists()
+    assert list((out / "tensorboard").iterdir())
+    assert "held-out reward" in capsys.readouterr().out
+
+
+def _params(run):
+    return jax.device_get(run.state.params)
+
+
+def test_a_run_killed_mid_iteration_resumes_to_the_same_parameters(tmp_path, monkeypatch):
+    whole = OptuneRun(micro_config(tmp_path / "a"), progress=False)
+    whole.run()
+    want = _params(whole)
+    whole.close()
+
+    cfg = micro_config(tmp_path / "b")
+    killed = OptuneRun(cfg, progress=False)
+    real_train = OptuneRun._train
+
+    def dies_in_iteration_1(self, arrays, t):
+        if t == 1:
+            raise KeyboardInterrupt  # killed after generating, mid-iteration
+        return real_train(self, arrays, t)
+
+    monkeypatch.setattr(OptuneRun, "_train", dies_in_iteration_1)
+    with pytest.raises(KeyboardInterrupt):
+        killed.run()
+    killed.close()
+    monkeypatch.setattr(OptuneRun, "_train", real_train)
+
+    resumed = OptuneRun(cfg, resume=True, progress=False)
+    assert resumed.next_iteration == 1
+    records = resumed.run()
+    got = _params(resumed)
+    resumed.close()
+    jax.tree.map(np.testing.assert_array_equal, want, got)  # exact on the CPU
+    assert [r["iteration"] for r in records] == [-1, 0, 1]
+
+
+def test_reference_initial_keeps_pi0_logps(tmp_path):
+    run = OptuneRun(micro_config(tmp_path, "optune.reference=initial", "optune.iterations=1"),
+                    progress=False)
+    assert run.initial_params is not None
+    records = run.run()
+    run.close()
+    assert records[-1]["train.loss"] > 0
+
+
+def _fails(capsys, argv, message):
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert message in err, err
+
+
+def test_bad_input_stops_with_one_line_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--config", "configs/tiny.yaml", "--no-progress", "--set", f"run.output_dir={out}"]
+    _fails(capsys, ["--config", str(tmp_path / "nope.yaml")], "nope.yaml")
+    _fails(capsys, [*base, "--set", "optune.rhoo=0.5"], "did you mean 'optune.rho'")
+    _fails(capsys, [*base, "--set", "optune.rho=1.5"], "(0, 1]")
+    _fails(capsys, [*base, "--set", "loss.name=kto"], "unknown loss 'kto'")
+    _fails(capsys, [*base, "--set", "reward.name=judge"], "unknown reward 'judge'")
+    _fails(capsys, [*base, "--set", "data.prompt_column=question"], "question")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    _fails(capsys, [*base, "--set", f"data.train_files=[{empty}]"], "empty")
+    assert not out.exists()  # nothing half-written by any of the above
+
+
+def test_output_dir_guards_and_incompatible_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg_file = tmp_path / "cfg.yaml"
+    raw = yaml.safe_load(open("configs/tiny.yaml"))
+    raw["run"]["output_dir"] = str(out)
+    raw["optune"]["iterations"] = 1
+    raw["data"].update(num_train_prompts=8, num_eval_prompts=4)
+    raw["sampling"].update(max_new_tokens=4, batch_size=8)
+    raw["train"].update(batch_size=8, micro_batch_size=8, epochs=1)
+    cfg_file.write_text(yaml.safe_dump(raw))
+    base = ["--config", str(cfg_file), "--no-progress", "--no-export"]
+    assert train.main(base) == 0
+    _fails(capsys, base, "already holds a run")
+    _fails(capsys, [*base, "--resume", "--set", "loss.beta=0.5"], "loss.beta")
+    # a longer run of the same config may resume; --overwrite starts afresh
+    assert train.main([*base, "--resume", "--set", "optune.iterations=2"]) == 0
+    assert train.main([*base, "--overwrite"]) == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    _fails(capsys, [*base, "--set", f"run.output_dir={other}"], "not an optune-jax run")
