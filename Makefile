@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test lint bench clean
+.PHONY: setup train tiny test lint bench clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY) (or run: make PY=python3.12 ...)"; exit 1; }
@@ -17,8 +17,13 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # The main job on the embedded default model (SmolLM2-135M-Instruct, offline).
+# ARGS passes flags through, e.g. make train ARGS="--resume".
+ARGS ?= --overwrite
 train: $(STAMP)
-	$(BIN)/python -m optune_jax.generate --max-new-tokens 48
+	$(BIN)/python -m optune_jax.train --config configs/smollm2_ifeval.yaml $(ARGS)
+
+tiny: $(STAMP)
+	$(BIN)/python -m optune_jax.train --config configs/tiny.yaml $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --durations=10

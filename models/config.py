@@ -50,8 +50,15 @@ class ModelConfig:
                 f"unsupported model_type {self.model_type!r}; supported: "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+        ):
             if getattr(self, name) <= 0:
                 raise ModelConfigError(f"{name}={getattr(self, name)} must be a positive integer")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -86,17 +93,20 @@ class ModelConfig:
         """Reads a transformers MistralConfig / LlamaConfig dict, rejecting what we cannot run."""
         model_type = cfg.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ModelConfigError(
-                f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+            supported = ", ".join(SUPPORTED_MODEL_TYPES)
+            raise ModelConfigError(f"unsupported model_type {model_type!r}; supported: {supported}")
         act = cfg.get("hidden_act", "silu")
         if act not in SUPPORTED_ACTIVATIONS:
             raise ModelConfigError(f"unsupported hidden_act {act!r}; supported: silu")
         for flag in ("attention_bias", "mlp_bias"):
             if cfg.get(flag):
-                raise ModelConfigError(f"{flag}=true is not supported (Mistral/Llama have no biases)")
+                raise ModelConfigError(
+                    f"{flag}=true is not supported (Mistral/Llama have no biases)"
+                )
         if cfg.get("pretraining_tp", 1) not in (1, None):
-            raise ModelConfigError(f"pretraining_tp={cfg['pretraining_tp']} is not supported; use 1")
+            raise ModelConfigError(
+                f"pretraining_tp={cfg['pretraining_tp']} is not supported; use 1"
+            )
         heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         window = cfg.get("sliding_window") if model_type == "mistral" else None

@@ -38,7 +38,10 @@ def _dtype(name: str | Dtype) -> Dtype:
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     """Inverse frequencies [H/2] (RoFormer; transformers' rope_type default, linear, llama3)."""
     dim = config.head_dim
-    inv = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    # float32 like transformers: the same frequencies to the last bit keep parity at depth
+    inv = 1.0 / (
+        np.float32(config.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    )
     scaling = dict(config.rope_scaling or ())
     if config.rope_type == "linear":
         inv = inv / scaling["factor"]
@@ -162,9 +165,15 @@ class Attention(nn.Module):
         c = self.config
         d, n, k, h = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        q = Einsum("btd,dnh->btnh", (d, n, h), ("embed", "heads", "head_dim"), name="q_proj", **dense)(x_BTD)
-        key = Einsum("btd,dkh->btkh", (d, k, h), ("embed", "kv_heads", "head_dim"), name="k_proj", **dense)(x_BTD)
-        val = Einsum("btd,dkh->btkh", (d, k, h), ("embed", "kv_heads", "head_dim"), name="v_proj", **dense)(x_BTD)
+        q = Einsum(
+            "btd,dnh->btnh", (d, n, h), ("embed", "heads", "head_dim"), name="q_proj", **dense
+        )(x_BTD)
+        key = Einsum(
+            "btd,dkh->btkh", (d, k, h), ("embed", "kv_heads", "head_dim"), name="k_proj", **dense
+        )(x_BTD)
+        val = Einsum(
+            "btd,dkh->btkh", (d, k, h), ("embed", "kv_heads", "head_dim"), name="v_proj", **dense
+        )(x_BTD)
         inv_freq = rope_inv_freq(c)
         q, key = apply_rope(q, pos_BT, inv_freq), apply_rope(key, pos_BT, inv_freq)
 
@@ -181,12 +190,15 @@ class Attention(nn.Module):
 
         b, t = q.shape[:2]
         q = q.reshape(b, t, k, c.num_groups, h)
-        logits = jnp.einsum("btkgh,bskh->bkgts", q, key.astype(self.dtype),
-                            preferred_element_type=jnp.float32) * (h ** -0.5)
+        logits = jnp.einsum(
+            "btkgh,bskh->bkgts", q, key.astype(self.dtype), preferred_element_type=jnp.float32
+        ) * (h**-0.5)
         logits = jnp.where(allowed_BTS[:, None, None], logits, MASK_VALUE)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # softmax in float32
         out = jnp.einsum("bkgts,bskh->btkgh", probs, val.astype(self.dtype)).reshape(b, t, n, h)
-        out = Einsum("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), name="o_proj", **dense)(out)
+        out = Einsum(
+            "btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), name="o_proj", **dense
+        )(out)
         return out, new_kv
 
 
@@ -206,7 +218,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm decoder layer; the scan body (carry = hidden states, xs = this layer's cache)."""
+    """One pre-norm decoder layer: the scan body (carry = hidden states, xs = layer's cache)."""
 
     config: ModelConfig
     mode: str
@@ -218,10 +230,16 @@ class Block(nn.Module):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h, new_kv = Attention(c, self.mode, name="attn", **kw)(
-            RMSNorm(c.rms_norm_eps, self.dtype, name="attn_norm")(x_BTD), pos_BT, allowed_BTS, kv, slots
+            RMSNorm(c.rms_norm_eps, self.dtype, name="attn_norm")(x_BTD),
+            pos_BT,
+            allowed_BTS,
+            kv,
+            slots,
         )
         x_BTD = x_BTD + h
-        x_BTD = x_BTD + MLP(c, name="mlp", **kw)(RMSNorm(c.rms_norm_eps, self.dtype, name="mlp_norm")(x_BTD))
+        x_BTD = x_BTD + MLP(c, name="mlp", **kw)(
+            RMSNorm(c.rms_norm_eps, self.dtype, name="mlp_norm")(x_BTD)
+        )
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
         return x_BTD, new_kv
 
@@ -234,15 +252,22 @@ class Embedder(nn.Module):
 
     def setup(self):
         self.embedding = self.param(
-            "embedding", _init(("vocab", "embed")), (self.vocab_size, self.hidden_size), self.param_dtype
+            "embedding",
+            _init(("vocab", "embed")),
+            (self.vocab_size, self.hidden_size),
+            self.param_dtype,
         )
 
     def __call__(self, tokens_BT):
         return jnp.take(self.embedding, tokens_BT, axis=0).astype(self.dtype)
 
     def attend(self, x_BTD):  # tied output head, float32 logits
-        return jnp.einsum("btd,vd->btv", x_BTD, self.embedding.astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        return jnp.einsum(
+            "btd,vd->btv",
+            x_BTD,
+            self.embedding.astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
 
 
 class Transformer(nn.Module):
@@ -258,9 +283,18 @@ class Transformer(nn.Module):
     remat: str = "none"
 
     @nn.compact
-    def __call__(self, tokens_BT, pos_BT, allowed_BTS, cache: KVCache | None = None,
-                 slots=None, *, mode: str = "full", return_hidden: bool = False,
-                 logits_from: int = 0):
+    def __call__(
+        self,
+        tokens_BT,
+        pos_BT,
+        allowed_BTS,
+        cache: KVCache | None = None,
+        slots=None,
+        *,
+        mode: str = "full",
+        return_hidden: bool = False,
+        logits_from: int = 0,
+    ):
         c = self.config
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; allowed: {', '.join(MODES)}")
@@ -291,8 +325,9 @@ class Transformer(nn.Module):
         if c.tie_word_embeddings:
             logits = embed.attend(x)
         else:
-            logits = _LMHead(c.hidden_size, c.vocab_size, self.dtype, self.param_dtype,
-                             name="lm_head")(x)
+            logits = _LMHead(
+                c.hidden_size, c.vocab_size, self.dtype, self.param_dtype, name="lm_head"
+            )(x)
         return logits, new_kv
 
 
@@ -304,10 +339,15 @@ class _LMHead(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD):
-        w = self.param("kernel", _init(("embed", "vocab")), (self.hidden_size, self.vocab_size),
-                       self.param_dtype)
-        return jnp.einsum("btd,dv->btv", x_BTD, w.astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        w = self.param(
+            "kernel",
+            _init(("embed", "vocab")),
+            (self.hidden_size, self.vocab_size),
+            self.param_dtype,
+        )
+        return jnp.einsum(
+            "btd,dv->btv", x_BTD, w.astype(self.dtype), preferred_element_type=jnp.float32
+        )
 
 
 # ------------------------------------------------------------------------------- pure API
@@ -338,8 +378,17 @@ def logical_axes(config: ModelConfig):
     return nn.get_partition_spec(abstract)
 
 
-def forward(params, tokens_BT, mask_BT, *, config: ModelConfig, dtype="float32",
-            remat: str = "none", return_hidden: bool = False, logits_from: int = 0) -> jax.Array:
+def forward(
+    params,
+    tokens_BT,
+    mask_BT,
+    *,
+    config: ModelConfig,
+    dtype="float32",
+    remat: str = "none",
+    return_hidden: bool = False,
+    logits_from: int = 0,
+) -> jax.Array:
     """Full-sequence forward: float32 logits [B, T - logits_from, V] (or hidden [B, T, D]).
 
     Padding may sit on either side; positions come from `mask_BT`. `logits_from` skips the
@@ -349,10 +398,17 @@ def forward(params, tokens_BT, mask_BT, *, config: ModelConfig, dtype="float32",
     idx = jnp.arange(tokens_BT.shape[1])
     valid_pos = jnp.where(mask_BT.astype(bool), pos, -1)
     # causal by sequence index (padding sits outside the real tokens) and valid, windowed keys
-    allowed = _allowed(jnp.broadcast_to(idx, tokens_BT.shape), jnp.where(valid_pos >= 0, idx, -1),
-                       config.sliding_window)
+    allowed = _allowed(
+        jnp.broadcast_to(idx, tokens_BT.shape),
+        jnp.where(valid_pos >= 0, idx, -1),
+        config.sliding_window,
+    )
     out, _ = _model(config, dtype, remat).apply(
-        {"params": params}, tokens_BT, pos, allowed, return_hidden=return_hidden,
+        {"params": params},
+        tokens_BT,
+        pos,
+        allowed,
+        return_hidden=return_hidden,
         logits_from=logits_from,
     )
     return out
@@ -370,15 +426,18 @@ def prefill(params, tokens_BT, mask_BT, *, config: ModelConfig, max_len: int, dt
     mask = mask_BT.astype(bool)
     pos = positions_from_mask(mask_BT)
     idx = jnp.arange(t)
-    allowed = _allowed(jnp.broadcast_to(idx, (b, t)), jnp.where(mask, idx, -1), config.sliding_window)
+    allowed = _allowed(
+        jnp.broadcast_to(idx, (b, t)), jnp.where(mask, idx, -1), config.sliding_window
+    )
     tail = min(t, cache.num_slots)
     slots = jnp.arange(t - tail, t) % cache.num_slots
     logits, (k, v) = _model(config, dtype).apply(
         {"params": params}, tokens_BT, pos, allowed, cache, slots, mode="prefill"
     )
-    slot_pos = jnp.where(mask, pos, -1)[:, t - tail:]
+    slot_pos = jnp.where(mask, pos, -1)[:, t - tail :]
     cache = KVCache(
-        k_LBCKH=k, v_LBCKH=v,
+        k_LBCKH=k,
+        v_LBCKH=v,
         pos_BC=cache.pos_BC.at[:, slots].set(slot_pos),
         index=jnp.asarray(t, jnp.int32),
         next_pos_B=jnp.sum(mask, axis=-1).astype(jnp.int32),
@@ -395,6 +454,11 @@ def decode_step(params, tokens_B, cache: KVCache, *, config: ModelConfig, dtype=
     logits, (k, v) = _model(config, dtype).apply(
         {"params": params}, tokens_B[:, None], pos_B1, allowed, cache, slots, mode="decode"
     )
-    cache = KVCache(k_LBCKH=k, v_LBCKH=v, pos_BC=slot_pos, index=cache.index + 1,
-                    next_pos_B=cache.next_pos_B + 1)
+    cache = KVCache(
+        k_LBCKH=k,
+        v_LBCKH=v,
+        pos_BC=slot_pos,
+        index=cache.index + 1,
+        next_pos_B=cache.next_pos_B + 1,
+    )
     return logits[:, 0], cache

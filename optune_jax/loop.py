@@ -71,12 +71,20 @@ def load_policy(cfg: RunConfig):
     if model.checkpoint == "random":
         r = model.random
         config = ModelConfig(
-            vocab_size=len(tokenizer), hidden_size=r.hidden_size,
-            intermediate_size=r.intermediate_size, num_hidden_layers=r.num_hidden_layers,
-            num_attention_heads=r.num_attention_heads, num_key_value_heads=r.num_key_value_heads,
-            head_dim=r.head_dim, sliding_window=r.sliding_window, tie_word_embeddings=True,
-            eos_token_id=(tokenizer.eos_token_id,), bos_token_id=tokenizer.bos_token_id,
-            pad_token_id=tokenizer.pad_token_id, model_type="mistral")
+            vocab_size=len(tokenizer),
+            hidden_size=r.hidden_size,
+            intermediate_size=r.intermediate_size,
+            num_hidden_layers=r.num_hidden_layers,
+            num_attention_heads=r.num_attention_heads,
+            num_key_value_heads=r.num_key_value_heads,
+            head_dim=r.head_dim,
+            sliding_window=r.sliding_window,
+            tie_word_embeddings=True,
+            eos_token_id=(tokenizer.eos_token_id,),
+            bos_token_id=tokenizer.bos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            model_type="mistral",
+        )
         params = init_params(config, jax.random.key(cfg.run.seed), param_dtype=model.param_dtype)
     else:
         config, params = load_pretrained(model.checkpoint, dtype=model.param_dtype)
@@ -96,38 +104,63 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _one_line(r: dict) -> str:
+    return (
+        f"iter {r['iteration']}: regenerated {r['prompts_regenerated']} prompts "
+        f"({r['seconds.generation']:.0f}s), reward new {r['reward_new']:.3f} "
+        f"kept {r['reward_kept']:.3f}, {r['pairs']} pairs ({r['pairs_dropped_ties']} ties), "
+        f"loss {r.get('train.loss', float('nan')):.4f} ({r['seconds.training']:.0f}s), "
+        f"held-out reward {r['eval.reward']:.4f}, win score {r['eval.win_score']:.1f}"
+    )
+
+
 class OptuneRun:
     """One training run in `cfg.run.output_dir` (see `run` for the entry point)."""
 
-    def __init__(self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
-                 progress: bool = True):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool = True,
+    ):
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
         self.progress = progress
         # everything that can be wrong is checked before anything is written
         if get_loss(cfg.loss.name).needs_samples:
-            raise RunError(f"loss {cfg.loss.name!r} needs online samples, not pairs; "
-                           "the OPTune loop takes dpo, wdpo, ipo or hinge")
+            raise RunError(
+                f"loss {cfg.loss.name!r} needs online samples, not pairs; "
+                "the OPTune loop takes dpo, wdpo, ipo or hinge"
+            )
         rewards_lib.get_reward(cfg.reward.name)
         self.policy, params = load_policy(cfg)
         self._load_prompts()
         self._prepare_output(resume, overwrite)
         self.loss = LossChoice.from_values(cfg.loss.name, dataclasses.asdict(cfg.loss))
-        self.spec = PolicySpec(self.policy.config, cfg.model.dtype, cfg.model.remat,
-                               cfg.loss.average_logps)
+        self.spec = PolicySpec(
+            self.policy.config, cfg.model.dtype, cfg.model.remat, cfg.loss.average_logps
+        )
         t = cfg.train
         steps_per_iter = cfg.train.epochs * math.ceil(len(self.train_prompts) / t.batch_size)
         self.optimizer = make_optimizer(
-            name=t.optimizer, learning_rate=t.learning_rate,
-            total_steps=steps_per_iter * cfg.optune.iterations, warmup_ratio=t.warmup_ratio,
-            weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
+            name=t.optimizer,
+            learning_rate=t.learning_rate,
+            total_steps=steps_per_iter * cfg.optune.iterations,
+            warmup_ratio=t.warmup_ratio,
+            weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm,
+        )
         self.initial_params = jax.device_get(params) if cfg.optune.reference == "initial" else None
         self.state = TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.init(params))
-        self.pool = selection.PromptPool.empty(len(self.train_prompts), cfg.sampling.max_new_tokens,
-                                               pad_id=self.policy.pad_id)
+        self.pool = selection.PromptPool.empty(
+            len(self.train_prompts), cfg.sampling.max_new_tokens, pad_id=self.policy.pad_id
+        )
         self.initial_eval = np.zeros((len(self.eval_prompts),), np.float32)
-        self.totals = dict(prompts_regenerated=0, responses_generated=0, tokens_generated=0,
-                           generation_seconds=0.0)
+        self.totals = dict(
+            prompts_regenerated=0, responses_generated=0, tokens_generated=0, generation_seconds=0.0
+        )
         self.next_iteration = 0
         self.ckpt = Checkpoints(self.out / "checkpoints", keep=cfg.run.keep_checkpoints)
         if resume and self.ckpt.latest() is not None:
@@ -144,17 +177,26 @@ class OptuneRun:
                 shutil.rmtree(self.out)
             elif resume:
                 old = yaml.safe_load(stored.read_text())
-                diff = [k for k in _diff_keys(old, resolved)
-                        if not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)]
+                diff = [
+                    k
+                    for k in _diff_keys(old, resolved)
+                    if not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)
+                ]
                 if diff:
-                    raise RunError(f"cannot resume {self.out}: its checkpoint was made with a "
-                                   f"different config ({', '.join(diff)}); use --overwrite")
+                    raise RunError(
+                        f"cannot resume {self.out}: its checkpoint was made with a "
+                        f"different config ({', '.join(diff)}); use --overwrite"
+                    )
             else:
-                raise RunError(f"{self.out} already holds a run; pass --resume to continue it "
-                               "or --overwrite to replace it")
+                raise RunError(
+                    f"{self.out} already holds a run; pass --resume to continue it "
+                    "or --overwrite to replace it"
+                )
         elif self.out.exists() and any(self.out.iterdir()) and not overwrite:
-            raise RunError(f"{self.out} exists and is not an optune-jax run directory; "
-                           "choose another run.output_dir or pass --overwrite")
+            raise RunError(
+                f"{self.out} exists and is not an optune-jax run directory; "
+                "choose another run.output_dir or pass --overwrite"
+            )
         self.out.mkdir(parents=True, exist_ok=True)
         tmp = stored.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
@@ -169,38 +211,64 @@ class OptuneRun:
             rows, eval_rows = data_lib.split_eval(rows, d.eval_fraction, self.cfg.run.seed)
         rows = rows[: d.num_train_prompts] if d.num_train_prompts else rows
         eval_rows = eval_rows[: d.num_eval_prompts] if d.num_eval_prompts else eval_rows
-        enc = functools.partial(data_lib.encode_prompts, tokenizer=self.policy.tokenizer,
-                                column=d.prompt_column, max_tokens=d.max_prompt_tokens,
-                                overlong=d.overlong, system_prompt=d.system_prompt)
+        enc = functools.partial(
+            data_lib.encode_prompts,
+            tokenizer=self.policy.tokenizer,
+            column=d.prompt_column,
+            max_tokens=d.max_prompt_tokens,
+            overlong=d.overlong,
+            system_prompt=d.system_prompt,
+        )
         self.train_prompts, self.train_rows, self.train_stats = enc(rows)
         self.eval_prompts, self.eval_rows, self.eval_stats = enc(eval_rows)
         for name, prompts in (("training", self.train_prompts), ("held-out", self.eval_prompts)):
             if not prompts:
-                raise RunError(f"no {name} prompts left (files {list(d.train_files)}, "
-                               f"max_prompt_tokens={d.max_prompt_tokens}, overlong={d.overlong})")
+                raise RunError(
+                    f"no {name} prompts left (files {list(d.train_files)}, "
+                    f"max_prompt_tokens={d.max_prompt_tokens}, overlong={d.overlong})"
+                )
 
     def _compile(self):
         t = self.cfg.train
         self._step = jax.jit(
-            functools.partial(train_step, optimizer=self.optimizer, policy=self.spec,
-                              loss=self.loss, prompt_len=self.cfg.data.max_prompt_tokens),
-            donate_argnums=(0,))
-        self._logps = jax.jit(functools.partial(
-            response_logps, policy=self.spec, prompt_len=self.cfg.data.max_prompt_tokens))
+            functools.partial(
+                train_step,
+                optimizer=self.optimizer,
+                policy=self.spec,
+                loss=self.loss,
+                prompt_len=self.cfg.data.max_prompt_tokens,
+            ),
+            donate_argnums=(0,),
+        )
+        self._logps = jax.jit(
+            functools.partial(
+                response_logps, policy=self.spec, prompt_len=self.cfg.data.max_prompt_tokens
+            )
+        )
         self._ref_rows = 2 * t.micro_batch_size
 
     def _host_state(self):
         p = self.pool
-        return dict(tokens=p.tokens_P2L, lengths=p.lengths_P2, rewards=p.rewards_P2,
-                    iteration=p.iteration_P, initial_eval=self.initial_eval)
+        return dict(
+            tokens=p.tokens_P2L,
+            lengths=p.lengths_P2,
+            rewards=p.rewards_P2,
+            iteration=p.iteration_P,
+            initial_eval=self.initial_eval,
+        )
 
     def _restore(self):
         step = self.ckpt.latest()
-        self.state, host, meta = self.ckpt.restore(step, state_like=self.state,
-                                                   host_like=self._host_state())
+        self.state, host, meta = self.ckpt.restore(
+            step, state_like=self.state, host_like=self._host_state()
+        )
         self.pool = selection.PromptPool(
-            np.asarray(host["tokens"]), np.asarray(host["lengths"]), np.asarray(host["rewards"]),
-            np.asarray(host["iteration"]), self.policy.pad_id)
+            np.asarray(host["tokens"]),
+            np.asarray(host["lengths"]),
+            np.asarray(host["rewards"]),
+            np.asarray(host["iteration"]),
+            self.policy.pad_id,
+        )
         self.initial_eval = np.asarray(host["initial_eval"])
         self.totals = meta["totals"]
         self.next_iteration = meta["next_iteration"]
@@ -208,19 +276,36 @@ class OptuneRun:
     # ------------------------------------------------------------------------ phases
     def _sample(self, params, prompts, ids, *, seed, iteration, num_samples, max_new, batch, desc):
         s = self.cfg.sampling
-        opts = SamplingOptions(max_new_tokens=max_new, eos_ids=self.policy.eos_ids,
-                               pad_id=self.policy.pad_id, num_samples=num_samples,
-                               temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
-        with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not self.progress,
-                  leave=False) as bar:
-            return sample_prompts(params, prompts, ids, config=self.policy.config, opts=opts,
-                                  seed=seed, iteration=iteration, batch_size=batch,
-                                  max_prompt_len=self.cfg.data.max_prompt_tokens,
-                                  dtype=self.cfg.model.dtype, on_batch=bar.update)
+        opts = SamplingOptions(
+            max_new_tokens=max_new,
+            eos_ids=self.policy.eos_ids,
+            pad_id=self.policy.pad_id,
+            num_samples=num_samples,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+        )
+        with tqdm(
+            total=len(prompts), desc=desc, unit="prompt", disable=not self.progress, leave=False
+        ) as bar:
+            return sample_prompts(
+                params,
+                prompts,
+                ids,
+                config=self.policy.config,
+                opts=opts,
+                seed=seed,
+                iteration=iteration,
+                batch_size=batch,
+                max_prompt_len=self.cfg.data.max_prompt_tokens,
+                dtype=self.cfg.model.dtype,
+                on_batch=bar.update,
+            )
 
     def _texts(self, tokens_NL, lengths_N):
         return self.policy.tokenizer.batch_decode(
-            [t[:n] for t, n in zip(tokens_NL, lengths_N, strict=True)], skip_special_tokens=True)
+            [t[:n] for t, n in zip(tokens_NL, lengths_N, strict=True)], skip_special_tokens=True
+        )
 
     def _score(self, rows, tokens_NSL, lengths_NS):
         n, s = lengths_NS.shape
@@ -230,10 +315,17 @@ class OptuneRun:
 
     def _evaluate(self, params):
         e, s = self.cfg.eval, self.cfg.sampling
-        gen = self._sample(params, self.eval_prompts, np.arange(len(self.eval_prompts)),
-                           seed=self.cfg.run.seed + EVAL_SEED_OFFSET, iteration=0, num_samples=1,
-                           max_new=e.max_new_tokens or s.max_new_tokens,
-                           batch=e.batch_size or s.batch_size, desc="evaluate")
+        gen = self._sample(
+            params,
+            self.eval_prompts,
+            np.arange(len(self.eval_prompts)),
+            seed=self.cfg.run.seed + EVAL_SEED_OFFSET,
+            iteration=0,
+            num_samples=1,
+            max_new=e.max_new_tokens or s.max_new_tokens,
+            batch=e.batch_size or s.batch_size,
+            desc="evaluate",
+        )
         return self._score(self.eval_rows, gen.tokens, gen.lengths)[:, 0], gen
 
     def _reference_logps(self, params, arrays):
@@ -242,12 +334,15 @@ class OptuneRun:
         flat = {n: arrays[n].reshape(2 * k, -1) for n in ("tokens_K2T", "attn_K2T", "resp_K2T")}
         out = np.zeros((2 * k,), np.float32)
         for start in range(0, 2 * k, rows):
-            chunk = {n: x[start:start + rows] for n, x in flat.items()}
+            chunk = {n: x[start : start + rows] for n, x in flat.items()}
             m = len(chunk["tokens_K2T"])
             if m < rows:  # fixed shape: one compiled program
-                chunk = {n: np.concatenate([x, np.repeat(x[:1], rows - m, 0)]) for n, x in chunk.items()}
-            out[start:start + m] = np.asarray(self._logps(
-                params, chunk["tokens_K2T"], chunk["attn_K2T"], chunk["resp_K2T"]))[:m]
+                chunk = {
+                    n: np.concatenate([x, np.repeat(x[:1], rows - m, 0)]) for n, x in chunk.items()
+                }
+            out[start : start + m] = np.asarray(
+                self._logps(params, chunk["tokens_K2T"], chunk["attn_K2T"], chunk["resp_K2T"])
+            )[:m]
         return out.reshape(k, 2)
 
     def iteration(self, t: int) -> dict:
@@ -256,14 +351,22 @@ class OptuneRun:
         rng = np.random.default_rng([cfg.run.seed, t])
         # 1. select (SPEC §4 step 1; everything at t = 0)
         method = "lowest" if cfg.optune.selection == "reward" else "random"
-        idx = selection.select(self.pool, cfg.optune.rho, method=method, key=cfg.optune.rank_key,
-                               rng=rng)
+        idx = selection.select(
+            self.pool, cfg.optune.rho, method=method, key=cfg.optune.rank_key, rng=rng
+        )
         # 2. sample two responses per selected prompt from π_t
         start = clock()
-        gen = self._sample(self.state.params, [self.train_prompts[i] for i in idx], idx,
-                           seed=cfg.run.seed, iteration=t, num_samples=2,
-                           max_new=cfg.sampling.max_new_tokens, batch=cfg.sampling.batch_size,
-                           desc=f"iter {t} generate")
+        gen = self._sample(
+            self.state.params,
+            [self.train_prompts[i] for i in idx],
+            idx,
+            seed=cfg.run.seed,
+            iteration=t,
+            num_samples=2,
+            max_new=cfg.sampling.max_new_tokens,
+            batch=cfg.sampling.batch_size,
+            desc=f"iter {t} generate",
+        )
         timers["generation"] = clock() - start
         # 3. reward the new responses
         start = clock()
@@ -272,9 +375,14 @@ class OptuneRun:
         # 4-6. assemble D_t, choose winners, drop ties; the pool's rewards are the next ranking
         self.pool = selection.update_pool(self.pool, idx, gen.tokens, gen.lengths, new_rewards, t)
         pairs = selection.build_pairs(self.pool, t)
-        arrays = pair_arrays(self.train_prompts, pairs, prompt_len=cfg.data.max_prompt_tokens,
-                             pad_id=self.policy.pad_id, eos_ids=self.policy.eos_ids,
-                             drop_truncated=cfg.sampling.truncated == "drop")
+        arrays = pair_arrays(
+            self.train_prompts,
+            pairs,
+            prompt_len=cfg.data.max_prompt_tokens,
+            pad_id=self.policy.pad_id,
+            eos_ids=self.policy.eos_ids,
+            drop_truncated=cfg.sampling.truncated == "drop",
+        )
         # 7a. reference logps of every pair, new and kept, in one pass (SPEC §3)
         start = clock()
         ref_params = self.state.params if self.initial_params is None else self.initial_params
@@ -318,13 +426,19 @@ class OptuneRun:
         k = len(arrays["pair_mask_K"])
         sums: dict[str, float] = {}
         steps = 0
-        with tqdm(total=cfg.epochs * math.ceil(k / cfg.batch_size), desc=f"iter {t} train",
-                  unit="step", disable=not self.progress, leave=False) as bar:
+        with tqdm(
+            total=cfg.epochs * math.ceil(k / cfg.batch_size),
+            desc=f"iter {t} train",
+            unit="step",
+            disable=not self.progress,
+            leave=False,
+        ) as bar:
             pending = None
             for epoch in range(cfg.epochs):
                 order = np.random.default_rng([self.cfg.run.seed, t, epoch, 7]).permutation(k)
-                for batch in batches(arrays, order, batch_size=cfg.batch_size,
-                                     micro_batch_size=cfg.micro_batch_size):
+                for batch in batches(
+                    arrays, order, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size
+                ):
                     self.state, metrics = self._step(self.state, batch)
                     if pending is not None:  # fetch step N's metrics after N+1 is dispatched
                         self._add(sums, jax.device_get(pending))
@@ -352,22 +466,41 @@ class OptuneRun:
         if self.next_iteration == 0:
             start = time.perf_counter()
             self.initial_eval, _ = self._evaluate(self.state.params)
-            self.log.write({"iteration": -1, "eval.reward": float(np.mean(self.initial_eval)),
-                            "eval.win_score": 50.0,
-                            "seconds.evaluation": time.perf_counter() - start})
-        for t in tqdm(range(self.next_iteration, cfg.optune.iterations), desc="OPTune",
-                      unit="iter", disable=not self.progress, initial=self.next_iteration,
-                      total=cfg.optune.iterations):
+            self.log.write(
+                {
+                    "iteration": -1,
+                    "eval.reward": float(np.mean(self.initial_eval)),
+                    "eval.win_score": 50.0,
+                    "seconds.evaluation": time.perf_counter() - start,
+                }
+            )
+        for t in tqdm(
+            range(self.next_iteration, cfg.optune.iterations),
+            desc="OPTune",
+            unit="iter",
+            disable=not self.progress,
+            initial=self.next_iteration,
+            total=cfg.optune.iterations,
+        ):
             record = self.iteration(t)
             self.next_iteration = t + 1
-            self.ckpt.save(t, state=self.state, host=self._host_state(),
-                           meta=dict(next_iteration=t + 1, totals=self.totals))
+            self.ckpt.save(
+                t,
+                state=self.state,
+                host=self._host_state(),
+                meta=dict(next_iteration=t + 1, totals=self.totals),
+            )
             self.log.write(record)
+            tqdm.write(_one_line(record))
         return self.log.read()
 
     def export(self) -> Path:
-        return export_hf_checkpoint(jax.device_get(self.state.params), self.policy.config,
-                                    self.out / "model", tokenizer=self.policy.tokenizer)
+        return export_hf_checkpoint(
+            jax.device_get(self.state.params),
+            self.policy.config,
+            self.out / "model",
+            tokenizer=self.policy.tokenizer,
+        )
 
     def close(self):
         self.log.close()

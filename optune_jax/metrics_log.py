@@ -17,8 +17,11 @@ class MetricsLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_after is not None and self.path.exists():  # drop lines past the checkpoint
-            lines = [ln for ln in self.path.read_text().splitlines()
-                     if ln and json.loads(ln)["iteration"] <= resume_after]
+            lines = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if ln and json.loads(ln)["iteration"] <= resume_after
+            ]
             self.path.write_text("".join(ln + "\n" for ln in lines))
         from tensorboardX import SummaryWriter
 
@@ -31,7 +34,11 @@ class MetricsLog:
             f.write(json.dumps(record, sort_keys=True) + "\n")
         step = record["iteration"]
         for key, value in record.items():
-            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            if (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+            ):
                 self._tb.add_scalar(key.replace(".", "/"), value, step)
         self._tb.flush()
 

@@ -17,13 +17,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, help="YAML run config, e.g. configs/tiny.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.learning_rate=1e-6 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.learning_rate=1e-6 (repeatable)",
+    )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true",
-                      help="continue the run in run.output_dir from its newest complete checkpoint")
-    mode.add_argument("--overwrite", action="store_true",
-                      help="delete what run.output_dir holds and start afresh")
+    mode.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in run.output_dir from its newest complete checkpoint",
+    )
+    mode.add_argument(
+        "--overwrite", action="store_true", help="delete what run.output_dir holds and start afresh"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--no-export", action="store_true", help="skip the transformers export")
     return p.parse_args(argv)
@@ -54,8 +64,9 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         from optune_jax.loop import OptuneRun  # heavy imports once the config is valid
 
-        run = OptuneRun(cfg, resume=args.resume, overwrite=args.overwrite,
-                        progress=not args.no_progress)
+        run = OptuneRun(
+            cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+        )
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -52,14 +52,28 @@ class TrainState:
     opt_state: Any
 
 
-def make_optimizer(*, name: str, learning_rate: float, total_steps: int, warmup_ratio: float,
-                   weight_decay: float, max_grad_norm: float | None) -> optax.GradientTransformation:
+def make_optimizer(
+    *,
+    name: str,
+    learning_rate: float,
+    total_steps: int,
+    warmup_ratio: float,
+    weight_decay: float,
+    max_grad_norm: float | None,
+) -> optax.GradientTransformation:
     """RMSProp (the paper, App. C) or AdamW, linear warmup then constant, global-norm clipping."""
     warmup = int(round(warmup_ratio * total_steps))
-    schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, learning_rate, max(warmup, 1)), optax.constant_schedule(learning_rate)],
-        [warmup],
-    ) if warmup > 0 else optax.constant_schedule(learning_rate)
+    schedule = (
+        optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, learning_rate, max(warmup, 1)),
+                optax.constant_schedule(learning_rate),
+            ],
+            [warmup],
+        )
+        if warmup > 0
+        else optax.constant_schedule(learning_rate)
+    )
     if name == "rmsprop":
         opt = optax.rmsprop(schedule, decay=0.9, eps=1e-8)
         if weight_decay:
@@ -75,30 +89,59 @@ def make_optimizer(*, name: str, learning_rate: float, total_steps: int, warmup_
 
 def response_logps(params, tokens_RT, attn_RT, resp_RT, *, policy: PolicySpec, prompt_len: int):
     """Sequence logps [R] of each row's response (SPEC §1); logits only over response columns."""
-    logits = forward(params, tokens_RT[:, :-1], attn_RT[:, :-1], config=policy.config,
-                     dtype=policy.dtype, remat=policy.remat, logits_from=prompt_len - 1)
-    return sequence_logps(logits, tokens_RT[:, prompt_len:], resp_RT[:, prompt_len:],
-                          average=policy.average_logps)
+    logits = forward(
+        params,
+        tokens_RT[:, :-1],
+        attn_RT[:, :-1],
+        config=policy.config,
+        dtype=policy.dtype,
+        remat=policy.remat,
+        logits_from=prompt_len - 1,
+    )
+    return sequence_logps(
+        logits, tokens_RT[:, prompt_len:], resp_RT[:, prompt_len:], average=policy.average_logps
+    )
 
 
 def _micro_loss(params, micro, *, policy: PolicySpec, loss: LossChoice, prompt_len: int):
     m = micro["tokens_M2T"].shape[0]
     flat = lambda x: x.reshape(2 * m, -1)  # chosen and rejected in one forward pass
-    logps = response_logps(params, flat(micro["tokens_M2T"]), flat(micro["attn_M2T"]),
-                           flat(micro["resp_M2T"]), policy=policy, prompt_len=prompt_len)
+    logps = response_logps(
+        params,
+        flat(micro["tokens_M2T"]),
+        flat(micro["attn_M2T"]),
+        flat(micro["resp_M2T"]),
+        policy=policy,
+        prompt_len=prompt_len,
+    )
     logps_M2 = logps.reshape(m, 2)
     spec = get_loss(loss.name)
     extra = {}
     if spec.needs_rewards:
-        extra = dict(chosen_rewards=micro["rewards_M2"][:, 0], rejected_rewards=micro["rewards_M2"][:, 1])
+        extra = dict(
+            chosen_rewards=micro["rewards_M2"][:, 0], rejected_rewards=micro["rewards_M2"][:, 1]
+        )
     value, metrics = spec.fn(
-        logps_M2[:, 0], logps_M2[:, 1], micro["ref_logps_M2"][:, 0], micro["ref_logps_M2"][:, 1],
-        mask=micro["pair_mask_M"], **extra, **dict(loss.hyperparams))
+        logps_M2[:, 0],
+        logps_M2[:, 1],
+        micro["ref_logps_M2"][:, 0],
+        micro["ref_logps_M2"][:, 1],
+        mask=micro["pair_mask_M"],
+        **extra,
+        **dict(loss.hyperparams),
+    )
     return value, metrics
 
 
-def train_step(state: TrainState, batch: dict, *, optimizer: optax.GradientTransformation,
-               policy: PolicySpec, loss: LossChoice, prompt_len: int):
+def train_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    optimizer: optax.GradientTransformation,
+    policy: PolicySpec,
+    loss: LossChoice,
+    prompt_len: int,
+):
     """One optimizer step over A micro-batches (gradient accumulation inside the step).
 
     Each micro-batch's mean loss is weighted by its share of the counted pairs, so the step
@@ -108,7 +151,8 @@ def train_step(state: TrainState, batch: dict, *, optimizer: optax.GradientTrans
     share_A = counts_A / jnp.maximum(jnp.sum(counts_A), 1.0)
     grad_fn = jax.value_and_grad(
         lambda p, micro: _micro_loss(p, micro, policy=policy, loss=loss, prompt_len=prompt_len),
-        has_aux=True)
+        has_aux=True,
+    )
 
     def accumulate(carry, xs):
         grads, metrics = carry
@@ -122,8 +166,10 @@ def train_step(state: TrainState, batch: dict, *, optimizer: optax.GradientTrans
     micro_batches = {k.replace("_AM", "_M"): v for k, v in batch.items()}
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     first = jax.tree.map(lambda x: x[0], micro_batches)
-    metric_zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        lambda: {**grad_fn(state.params, first)[0][1], "loss": jnp.zeros(())}))
+    metric_zeros = jax.tree.map(
+        jnp.zeros_like,
+        jax.eval_shape(lambda: {**grad_fn(state.params, first)[0][1], "loss": jnp.zeros(())}),
+    )
     (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, metric_zeros), (micro_batches, share_A))
     metrics["num_pairs"] = jnp.sum(counts_A)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

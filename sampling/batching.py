@@ -49,11 +49,21 @@ class Generation:
     shapes: set[tuple[int, int]]  # the (batch, prompt length) buckets that were run
 
 
-def sample_prompts(params, prompts: Sequence[Sequence[int]], prompt_ids: Sequence[int], *,
-                   config: ModelConfig, opts: SamplingOptions, seed: int, iteration: int,
-                   batch_size: int, max_prompt_len: int, dtype: str = "float32",
-                   on_batch: Callable[[int], None] | None = None,
-                   device_put: Callable = jax.device_put) -> Generation:
+def sample_prompts(
+    params,
+    prompts: Sequence[Sequence[int]],
+    prompt_ids: Sequence[int],
+    *,
+    config: ModelConfig,
+    opts: SamplingOptions,
+    seed: int,
+    iteration: int,
+    batch_size: int,
+    max_prompt_len: int,
+    dtype: str = "float32",
+    on_batch: Callable[[int], None] | None = None,
+    device_put: Callable = jax.device_put,
+) -> Generation:
     """Samples `opts.num_samples` responses for every prompt (token id lists).
 
     Prompts are sorted by length and cut into batches padded to power-of-two buckets, so a
@@ -72,31 +82,44 @@ def sample_prompts(params, prompts: Sequence[Sequence[int]], prompt_ids: Sequenc
         lengths=np.zeros((len(prompts), n), np.int32),
         finished=np.zeros((len(prompts), n), bool),
         logps=np.zeros((len(prompts), n, budget), np.float32),
-        tokens_generated=0, max_cache_bytes=0, shapes=set(),
+        tokens_generated=0,
+        max_cache_bytes=0,
+        shapes=set(),
     )
     batch_sizes = length_buckets(batch_size, smallest=1)
     prompt_lens = length_buckets(max_prompt_len)
     order = np.argsort(lens, kind="stable")
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         b, t = bucket(len(idx), batch_sizes), bucket(int(lens[idx].max()), prompt_lens)
         tokens = np.full((b, t), opts.pad_id, np.int32)
         mask = np.zeros((b, t), np.int32)
         ids = np.zeros((b,), np.int32)
         for row, i in enumerate(idx):  # left padding
-            tokens[row, t - lens[i]:] = prompts[i]
-            mask[row, t - lens[i]:] = 1
+            tokens[row, t - lens[i] :] = prompts[i]
+            mask[row, t - lens[i] :] = 1
             ids[row] = prompt_ids[i]
-        mask[len(idx):, -1] = 1  # filler rows: one real token keeps them well defined
-        res = jax.device_get(generate(
-            params, device_put(tokens), device_put(mask), device_put(ids), seed, iteration,
-            config=config, opts=opts, dtype=dtype))
+        mask[len(idx) :, -1] = 1  # filler rows: one real token keeps them well defined
+        res = jax.device_get(
+            generate(
+                params,
+                device_put(tokens),
+                device_put(mask),
+                device_put(ids),
+                seed,
+                iteration,
+                config=config,
+                opts=opts,
+                dtype=dtype,
+            )
+        )
         k = len(idx)
         out.tokens[idx], out.lengths[idx] = res.tokens_BSL[:k], res.lengths_BS[:k]
         out.finished[idx], out.logps[idx] = res.finished_BS[:k], res.logps_BSL[:k]
         out.tokens_generated += int(res.lengths_BS[:k].sum())
-        out.max_cache_bytes = max(out.max_cache_bytes,
-                                  kv_cache_bytes(config, b * n, t + budget, dtype))
+        out.max_cache_bytes = max(
+            out.max_cache_bytes, kv_cache_bytes(config, b * n, t + budget, dtype)
+        )
         out.shapes.add((b, t))
         if on_batch is not None:
             on_batch(k)

@@ -62,29 +62,42 @@ class _LoopState:
     lengths_R: jax.Array
 
 
-def row_keys(seed: int | jax.Array, iteration: int | jax.Array, prompt_ids_B: jax.Array,
-             num_samples: int) -> jax.Array:
+def row_keys(
+    seed: int | jax.Array, iteration: int | jax.Array, prompt_ids_B: jax.Array, num_samples: int
+) -> jax.Array:
     """One key per (prompt id, sample index): independent of batch size and neighbours."""
     base = jax.random.fold_in(jax.random.key(seed), iteration)
     per_prompt = jax.vmap(lambda i: jax.random.fold_in(base, i))(prompt_ids_B)
-    return jax.vmap(lambda k: jax.vmap(lambda s: jax.random.fold_in(k, s))(
-        jnp.arange(num_samples)))(per_prompt).reshape(-1)
+    return jax.vmap(
+        lambda k: jax.vmap(lambda s: jax.random.fold_in(k, s))(jnp.arange(num_samples))
+    )(per_prompt).reshape(-1)
 
 
 def _draw(keys_R, step, logits_RV, opts: SamplingOptions):
     if opts.greedy:
         token = jnp.argmax(logits_RV, axis=-1).astype(jnp.int32)
         return token, jnp.zeros(token.shape, jnp.float32)
-    logp_RV = sampling_logprobs(logits_RV, temperature=opts.temperature, top_k=opts.top_k,
-                                top_p=opts.top_p)
+    logp_RV = sampling_logprobs(
+        logits_RV, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p
+    )
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_R)
     token = jax.vmap(jax.random.categorical)(step_keys, logp_RV).astype(jnp.int32)
     return token, jnp.take_along_axis(logp_RV, token[:, None], axis=-1)[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "opts", "dtype"))
-def generate(params, prompt_BT, mask_BT, prompt_ids_B, seed, iteration, *,
-             config: ModelConfig, opts: SamplingOptions, dtype: str = "float32") -> Samples:
+def generate(
+    params,
+    prompt_BT,
+    mask_BT,
+    prompt_ids_B,
+    seed,
+    iteration,
+    *,
+    config: ModelConfig,
+    opts: SamplingOptions,
+    dtype: str = "float32",
+) -> Samples:
     """Samples `opts.num_samples` responses for each left-padded prompt.
 
     The draw for (prompt id, sample index, seed, iteration) does not depend on which other
@@ -93,11 +106,13 @@ def generate(params, prompt_BT, mask_BT, prompt_ids_B, seed, iteration, *,
     """
     b, t = prompt_BT.shape
     n, budget = opts.num_samples, opts.max_new_tokens
-    logits_BV, cache = prefill(params, prompt_BT, mask_BT, config=config,
-                               max_len=t + budget, dtype=dtype)
+    logits_BV, cache = prefill(
+        params, prompt_BT, mask_BT, config=config, max_len=t + budget, dtype=dtype
+    )
     # each prompt's prefill is shared by its n samples
-    cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, n, axis=_batch_axis(x)),
-                         cache)
+    cache = jax.tree.map(
+        lambda x: x if x.ndim == 0 else jnp.repeat(x, n, axis=_batch_axis(x)), cache
+    )
     rows = b * n
     keys_R = row_keys(seed, iteration, prompt_ids_B, n)
     eos = jnp.asarray(opts.eos_ids, jnp.int32)

@@ -25,6 +25,7 @@ def _cutoff(keys_RV: jax.Array, weights_RV: jax.Array, limit: float) -> jax.Arra
     The weight above c only grows as c falls, so bisection over the 32 key bits finds c
     exactly; c is always some token's key, and keeping `keys >= c` keeps that token.
     """
+
     def light(c_R):
         return jnp.sum(jnp.where(keys_RV > c_R[:, None], weights_RV, 0), axis=-1) < limit
 

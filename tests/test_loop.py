@@ -12,9 +12,16 @@ from optune_jax.config import load_config
 from optune_jax.loop import OptuneRun
 
 # a smaller tiny run for the tests that only need the machinery
-MICRO = ["optune.iterations=2", "data.num_train_prompts=16", "data.num_eval_prompts=8",
-         "sampling.max_new_tokens=8", "sampling.batch_size=16", "train.batch_size=8",
-         "train.micro_batch_size=4", "train.epochs=1"]
+MICRO = [
+    "optune.iterations=2",
+    "data.num_train_prompts=16",
+    "data.num_eval_prompts=8",
+    "sampling.max_new_tokens=8",
+    "sampling.batch_size=16",
+    "train.batch_size=8",
+    "train.micro_batch_size=4",
+    "train.epochs=1",
+]
 
 
 def micro_config(tmp_path, *extra):
@@ -23,8 +30,12 @@ def micro_config(tmp_path, *extra):
 
 def test_tiny_config_learns_and_accounts_for_generation(tmp_path, capsys):
     out = tmp_path / "tiny"
-    assert train.main(["--config", "configs/tiny.yaml", "--no-progress",
-                       "--set", f"run.output_dir={out}"]) == 0
+    assert (
+        train.main(
+            ["--config", "configs/tiny.yaml", "--no-progress", "--set", f"run.output_dir={out}"]
+        )
+        == 0
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     before, iters = records[0], records[1:]
     assert before["iteration"] == -1 and [r["iteration"] for r in iters] == [0, 1, 2]
@@ -79,8 +90,9 @@ def test_a_run_killed_mid_iteration_resumes_to_the_same_parameters(tmp_path, mon
 
 
 def test_reference_initial_keeps_pi0_logps(tmp_path):
-    run = OptuneRun(micro_config(tmp_path, "optune.reference=initial", "optune.iterations=1"),
-                    progress=False)
+    run = OptuneRun(
+        micro_config(tmp_path, "optune.reference=initial", "optune.iterations=1"), progress=False
+    )
     assert run.initial_params is not None
     records = run.run()
     run.close()

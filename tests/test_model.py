@@ -23,9 +23,17 @@ TOL = 1e-4
 
 def tiny_hf(kind="mistral", **overrides):
     torch.manual_seed(0)
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                  max_position_embeddings=256, rope_theta=10000.0)
+    common = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+    )
     common.update(overrides)
     if kind == "mistral":
         model = transformers.MistralForCausalLM(transformers.MistralConfig(**common))
@@ -55,12 +63,23 @@ def torch_logits(model, tokens, mask):
 
 CASES = {
     "mistral-gqa-window-untied": ("mistral", dict(sliding_window=6, tie_word_embeddings=False)),
-    "mistral-mha-tied": ("mistral", dict(num_key_value_heads=4, sliding_window=None,
-                                         tie_word_embeddings=True)),
+    "mistral-mha-tied": (
+        "mistral",
+        dict(num_key_value_heads=4, sliding_window=None, tie_word_embeddings=True),
+    ),
     "llama-gqa-tied-theta": ("llama", dict(tie_word_embeddings=True, rope_theta=100000.0)),
-    "llama-rope-llama3": ("llama", dict(rope_scaling=dict(
-        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=32))),
+    "llama-rope-llama3": (
+        "llama",
+        dict(
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=32,
+            )
+        ),
+    ),
 }
 
 
@@ -93,8 +112,13 @@ def test_cached_decode_reproduces_full_forward(window, tmp_path):
     tokens, mask = batch(t=14, pads=(0, 3, 5))
     full = np.asarray(forward(params, jnp.asarray(tokens), jnp.asarray(mask), config=config))
     start = 7
-    logits, cache = prefill(params, jnp.asarray(tokens[:, :start]), jnp.asarray(mask[:, :start]),
-                            config=config, max_len=tokens.shape[1])
+    logits, cache = prefill(
+        params,
+        jnp.asarray(tokens[:, :start]),
+        jnp.asarray(mask[:, :start]),
+        config=config,
+        max_len=tokens.shape[1],
+    )
     if window is not None:
         assert cache.num_slots == window  # the cache never outgrows the window
     np.testing.assert_allclose(logits, full[:, start - 1], atol=TOL)
@@ -126,8 +150,9 @@ def test_bfloat16_compute_gives_float32_logits_close_to_float32(tmp_path):
     tokens, mask = batch()
     ref = forward(params, jnp.asarray(tokens), jnp.asarray(mask), config=config)
     bf16_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-    out = forward(bf16_params, jnp.asarray(tokens), jnp.asarray(mask), config=config,
-                  dtype="bfloat16")
+    out = forward(
+        bf16_params, jnp.asarray(tokens), jnp.asarray(mask), config=config, dtype="bfloat16"
+    )
     assert out.dtype == jnp.float32
     err = np.abs(np.asarray(out - ref)) * mask[..., None]
     assert 0 < err.max() < 0.1
@@ -150,22 +175,29 @@ def test_every_parameter_has_logical_axes():
     params = init_params(config, jax.random.key(0))
     axes = logical_axes(config)
     flat_p = jax.tree_util.tree_leaves_with_path(params)
-    flat_a = dict(jax.tree_util.tree_leaves_with_path(
-        axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+    flat_a = dict(
+        jax.tree_util.tree_leaves_with_path(
+            axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+        )
+    )
     for path, leaf in flat_p:
         spec = flat_a[path]
         assert len(spec) == leaf.ndim and all(isinstance(n, str) for n in spec), (path, spec)
     assert axes["layers"]["attn"]["q_proj"]["kernel"] == jax.sharding.PartitionSpec(
-        "layers", "embed", "heads", "head_dim")
+        "layers", "embed", "heads", "head_dim"
+    )
     assert axes["embed"]["embedding"] == jax.sharding.PartitionSpec("vocab", "embed")
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("model_type", "gpt2", "unsupported model_type 'gpt2'; supported: mistral, llama"),
-    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope_scaling type 'yarn'"),
-    ("hidden_act", "gelu", "unsupported hidden_act 'gelu'"),
-    ("attention_bias", True, "attention_bias=true is not supported"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("model_type", "gpt2", "unsupported model_type 'gpt2'; supported: mistral, llama"),
+        ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope_scaling type 'yarn'"),
+        ("hidden_act", "gelu", "unsupported hidden_act 'gelu'"),
+        ("attention_bias", True, "attention_bias=true is not supported"),
+    ],
+)
 def test_config_rejects_what_it_cannot_honour(field, value, message):
     cfg = tiny_hf().config.to_dict()
     cfg[field] = value
@@ -178,7 +210,6 @@ def test_config_rejects_what_it_cannot_honour(field, value, message):
 def test_config_round_trips_through_transformers_dict():
     hf = tiny_hf(sliding_window=7)
     config = ModelConfig.from_hf_dict(hf.config.to_dict())
-    again = ModelConfig.from_hf_dict(
-        transformers.MistralConfig(**config.to_hf_dict()).to_dict())
+    again = ModelConfig.from_hf_dict(transformers.MistralConfig(**config.to_hf_dict()).to_dict())
     assert again == config
     assert config.sliding_window == 7 and config.num_groups == 2

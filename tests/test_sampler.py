@@ -22,10 +22,22 @@ from sampling.sampler import _draw
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     torch.manual_seed(1)
-    hf = transformers.MistralForCausalLM(transformers.MistralConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6,
-        max_position_embeddings=128, eos_token_id=3, pad_token_id=0, bos_token_id=1)).eval()
+    hf = transformers.MistralForCausalLM(
+        transformers.MistralConfig(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=6,
+            max_position_embeddings=128,
+            eos_token_id=3,
+            pad_token_id=0,
+            bos_token_id=1,
+        )
+    ).eval()
     path = tmp_path_factory.mktemp("tiny")
     hf.save_pretrained(path)
     config, params = load_hf_checkpoint(path)
@@ -37,13 +49,27 @@ def test_greedy_matches_transformers_generate_with_sliding_window(tiny):
     rng = np.random.RandomState(0)
     prompts = [list(rng.randint(4, 96, size=n)) for n in (3, 9, 5)]
     opts = SamplingOptions(max_new_tokens=12, eos_ids=(3,), pad_id=0, num_samples=1, greedy=True)
-    ours = sample_prompts(params, prompts, [0, 1, 2], config=config, opts=opts, seed=0,
-                          iteration=0, batch_size=4, max_prompt_len=16)
+    ours = sample_prompts(
+        params,
+        prompts,
+        [0, 1, 2],
+        config=config,
+        opts=opts,
+        seed=0,
+        iteration=0,
+        batch_size=4,
+        max_prompt_len=16,
+    )
     for i, p in enumerate(prompts):
         with torch.no_grad():
-            want = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p)),
-                               do_sample=False, max_new_tokens=12, eos_token_id=3,
-                               pad_token_id=0)[0, len(p):].numpy()
+            want = hf.generate(
+                torch.tensor([p]),
+                attention_mask=torch.ones(1, len(p)),
+                do_sample=False,
+                max_new_tokens=12,
+                eos_token_id=3,
+                pad_token_id=0,
+            )[0, len(p) :].numpy()
         n = ours.lengths[i, 0]
         np.testing.assert_array_equal(ours.tokens[i, 0, :n], want[:n])
         assert n == len(want) or want[n] == 0  # transformers pads finished rows too
@@ -66,17 +92,20 @@ def numpy_truncated(logits, temperature, top_k, top_p):
     return out / out.sum()
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [
-    (1.0, 0, 0.9), (1.0, 4, 1.0), (0.7, 5, 0.8), (1.3, 0, 0.5)])
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p", [(1.0, 0, 0.9), (1.0, 4, 1.0), (0.7, 5, 0.8), (1.3, 0, 0.5)]
+)
 def test_truncated_sampling_frequencies_match_reference(temperature, top_k, top_p):
     logits = np.log(np.array([0.3, 0.2, 0.15, 0.1, 0.08, 0.07, 0.05, 0.03, 0.015, 0.005]))
     want = numpy_truncated(logits, temperature, top_k, top_p)
     n = 40_000
-    opts = SamplingOptions(max_new_tokens=1, eos_ids=(0,), pad_id=0, temperature=temperature,
-                           top_k=top_k, top_p=top_p)
+    opts = SamplingOptions(
+        max_new_tokens=1, eos_ids=(0,), pad_id=0, temperature=temperature, top_k=top_k, top_p=top_p
+    )
     keys = jax.random.split(jax.random.key(7), n)
     tokens, logps = jax.jit(lambda k, z: _draw(k, 0, z, opts))(
-        keys, jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, len(logits))))
+        keys, jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, len(logits)))
+    )
     freq = np.bincount(np.asarray(tokens), minlength=len(logits)) / n
     # outside the nucleus: never drawn; inside: within 5 standard errors of the reference
     assert np.all(freq[want == 0] == 0)
@@ -96,13 +125,15 @@ def test_samples_do_not_depend_on_batching(tiny):
     rng = np.random.RandomState(3)
     prompts = [list(rng.randint(4, 96, size=n)) for n in rng.randint(2, 14, size=10)]
     ids = list(range(100, 110))
-    opts = SamplingOptions(max_new_tokens=10, eos_ids=(3,), pad_id=0, num_samples=2,
-                           temperature=1.0, top_p=0.9)
+    opts = SamplingOptions(
+        max_new_tokens=10, eos_ids=(3,), pad_id=0, num_samples=2, temperature=1.0, top_p=0.9
+    )
     common = dict(config=config, opts=opts, seed=5, iteration=2, max_prompt_len=16)
     full = sample_prompts(params, prompts, ids, batch_size=8, **common)
     subset = [1, 4, 7]  # "regenerate 30 %": alone, in a smaller batch
-    part = sample_prompts(params, [prompts[i] for i in subset], [ids[i] for i in subset],
-                          batch_size=2, **common)
+    part = sample_prompts(
+        params, [prompts[i] for i in subset], [ids[i] for i in subset], batch_size=2, **common
+    )
     np.testing.assert_array_equal(part.tokens, full.tokens[subset])
     np.testing.assert_array_equal(part.lengths, full.lengths[subset])
     np.testing.assert_allclose(part.logps, full.logps[subset], atol=1e-5)
@@ -114,10 +145,20 @@ def test_samples_do_not_depend_on_batching(tiny):
 
 def test_outputs_are_padded_after_eos_and_consistent(tiny):
     _, config, params = tiny
-    opts = SamplingOptions(max_new_tokens=16, eos_ids=(3, 5, 7, 11), pad_id=0, num_samples=4,
-                           temperature=2.0)
-    gen = sample_prompts(params, [[9, 8, 10], [12, 13]], [0, 1], config=config, opts=opts,
-                         seed=0, iteration=0, batch_size=2, max_prompt_len=16)
+    opts = SamplingOptions(
+        max_new_tokens=16, eos_ids=(3, 5, 7, 11), pad_id=0, num_samples=4, temperature=2.0
+    )
+    gen = sample_prompts(
+        params,
+        [[9, 8, 10], [12, 13]],
+        [0, 1],
+        config=config,
+        opts=opts,
+        seed=0,
+        iteration=0,
+        batch_size=2,
+        max_prompt_len=16,
+    )
     for p in range(2):
         for s in range(4):
             n = gen.lengths[p, s]
@@ -130,12 +171,27 @@ def test_outputs_are_padded_after_eos_and_consistent(tiny):
 
 
 def test_generation_stops_when_every_row_has_finished():
-    config = ModelConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    config = ModelConfig(
+        vocab_size=16,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+    )
     params = init_params(config, jax.random.key(0))
     opts = SamplingOptions(max_new_tokens=64, eos_ids=tuple(range(16)), pad_id=0, num_samples=2)
-    out = generate(params, jnp.ones((2, 4), jnp.int32), jnp.ones((2, 4), jnp.int32),
-                   jnp.arange(2), 0, 0, config=config, opts=opts)
+    out = generate(
+        params,
+        jnp.ones((2, 4), jnp.int32),
+        jnp.ones((2, 4), jnp.int32),
+        jnp.arange(2),
+        0,
+        0,
+        config=config,
+        opts=opts,
+    )
     assert np.all(np.asarray(out.lengths_BS) == 1) and np.all(np.asarray(out.finished_BS))
     assert int(out.steps) == 1  # the loop ended, it did not pad on to the budget
 
@@ -149,8 +205,17 @@ def test_a_long_run_compiles_a_handful_of_programs(tiny):
     for call in range(12):
         count = rng.randint(1, 9)
         prompts = [list(rng.randint(4, 96, size=rng.randint(1, 40))) for _ in range(count)]
-        gen = sample_prompts(params, prompts, list(range(count)), config=config, opts=opts,
-                             seed=0, iteration=call, batch_size=8, max_prompt_len=40)
+        gen = sample_prompts(
+            params,
+            prompts,
+            list(range(count)),
+            config=config,
+            opts=opts,
+            seed=0,
+            iteration=call,
+            batch_size=8,
+            max_prompt_len=40,
+        )
         shapes |= gen.shapes
     compiled = generate._cache_size() - before
     # batch buckets {1,2,4,8} x length buckets {16,32,40}: at most 12 programs, not 12 calls'
@@ -163,8 +228,11 @@ def test_a_long_run_compiles_a_handful_of_programs(tiny):
 def test_truncated_support_equals_sorting_reference_on_wide_vocabularies(top_k, top_p):
     # the bisection cut-off keeps exactly the tokens a full sort keeps
     logits = np.asarray(jax.random.normal(jax.random.key(top_k), (16, 3000)) * 3.0)
-    got = np.isfinite(np.asarray(sampling_logprobs(jnp.asarray(logits), temperature=0.8,
-                                                   top_k=top_k, top_p=top_p)))
+    got = np.isfinite(
+        np.asarray(
+            sampling_logprobs(jnp.asarray(logits), temperature=0.8, top_k=top_k, top_p=top_p)
+        )
+    )
     for row in range(16):
         want = numpy_truncated(logits[row].astype(np.float64), 0.8, top_k, top_p) > 0
         np.testing.assert_array_equal(got[row], want, err_msg=f"row {row}")

@@ -19,8 +19,15 @@ from optune_jax.train_step import (
     train_step,
 )
 
-CONFIG = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+CONFIG = ModelConfig(
+    vocab_size=32,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+)
 PROMPT = 5
 
 
@@ -33,30 +40,43 @@ def pairs(k=4, resp=6, seed=0):
     resp_mask = np.zeros((k, 2, t), np.int32)
     for i in range(k):
         p = rng.randint(1, PROMPT + 1)
-        attn[i, :, PROMPT - p:PROMPT] = 1
+        attn[i, :, PROMPT - p : PROMPT] = 1
         for s in range(2):
             n = 0 if (i, s) == (0, 1) else rng.randint(1, resp + 1)  # pair 0: an empty response
-            attn[i, s, PROMPT:PROMPT + n] = 1
-            resp_mask[i, s, PROMPT:PROMPT + n] = 1
-    return dict(tokens_K2T=tokens, attn_K2T=attn, resp_K2T=resp_mask,
-                ref_logps_K2=rng.randn(k, 2).astype(np.float32) - 5,
-                rewards_K2=np.sort(rng.rand(k, 2), axis=1)[:, ::-1].astype(np.float32).copy(),
-                pair_mask_K=np.ones((k,), bool))
+            attn[i, s, PROMPT : PROMPT + n] = 1
+            resp_mask[i, s, PROMPT : PROMPT + n] = 1
+    return dict(
+        tokens_K2T=tokens,
+        attn_K2T=attn,
+        resp_K2T=resp_mask,
+        ref_logps_K2=rng.randn(k, 2).astype(np.float32) - 5,
+        rewards_K2=np.sort(rng.rand(k, 2), axis=1)[:, ::-1].astype(np.float32).copy(),
+        pair_mask_K=np.ones((k,), bool),
+    )
 
 
 def as_batch(arrays, accum):
-    return {n.replace("_K", "_AM", 1): x.reshape(accum, -1, *x.shape[1:]) for n, x in arrays.items()}
+    return {
+        n.replace("_K", "_AM", 1): x.reshape(accum, -1, *x.shape[1:]) for n, x in arrays.items()
+    }
 
 
 def step_fn(loss_name="wdpo", opt=None):
     policy = PolicySpec(CONFIG)
     loss = LossChoice.from_values(loss_name, dict(beta=0.1, beta2=2.0))
-    opt = opt or make_optimizer(name="adamw", learning_rate=1e-2, total_steps=10,
-                                warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0)
+    opt = opt or make_optimizer(
+        name="adamw",
+        learning_rate=1e-2,
+        total_steps=10,
+        warmup_ratio=0.0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+    )
     params = init_params(CONFIG, jax.random.key(0))
     state = TrainState(jnp.zeros((), jnp.int32), params, opt.init(params))
-    step = jax.jit(functools.partial(train_step, optimizer=opt, policy=policy, loss=loss,
-                                     prompt_len=PROMPT))
+    step = jax.jit(
+        functools.partial(train_step, optimizer=opt, policy=policy, loss=loss, prompt_len=PROMPT)
+    )
     return state, step
 
 
@@ -83,8 +103,9 @@ def test_gradient_accumulation_equals_one_big_batch(loss_name):
     big, m_big = step(state, as_batch(arrays, 1))
     state, step = step_fn(loss_name, sgd)
     acc, m_acc = step(state, as_batch(arrays, 4))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-                 big.params, acc.params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), big.params, acc.params
+    )
     for key in ("loss", "margin", "accuracy", "grad_norm"):
         np.testing.assert_allclose(m_big[key], m_acc[key], rtol=1e-5, atol=1e-6)
     assert float(m_acc["num_pairs"]) == 6
@@ -106,8 +127,9 @@ def test_masked_pairs_do_not_change_the_update():
     state, step = step_fn()
     b, _ = step(state, as_batch(three, 2))
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a.params, b.params)
-    assert not all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.allclose(x, y)),
-                                                ref.params, a.params)))
+    assert not all(
+        jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.allclose(x, y)), ref.params, a.params))
+    )
 
 
 def test_behavior_reference_gives_log2_dpo_loss_at_the_first_step():
@@ -115,8 +137,14 @@ def test_behavior_reference_gives_log2_dpo_loss_at_the_first_step():
     arrays = pairs(k=4)
     state, step = step_fn("dpo")
     flat = {n: arrays[n].reshape(8, -1) for n in ("tokens_K2T", "attn_K2T", "resp_K2T")}
-    ref = response_logps(state.params, flat["tokens_K2T"], flat["attn_K2T"], flat["resp_K2T"],
-                         policy=PolicySpec(CONFIG), prompt_len=PROMPT)
+    ref = response_logps(
+        state.params,
+        flat["tokens_K2T"],
+        flat["attn_K2T"],
+        flat["resp_K2T"],
+        policy=PolicySpec(CONFIG),
+        prompt_len=PROMPT,
+    )
     arrays["ref_logps_K2"] = np.asarray(ref).reshape(4, 2)
     _, metrics = step(state, as_batch(arrays, 2))
     np.testing.assert_allclose(metrics["loss"], np.log(2), rtol=1e-5)
