@@ -5,13 +5,11 @@
                                          overlong="drop")
 
 Rows are plain dicts and keep every column, because rewards read metadata from them (the IFEval
-reward reads `constraints`). `prepare_prompts` runs the whole path for a run's `data` section.
-Errors a user can fix are one-line `DataError`s.
+reward reads `constraints`). Errors a user can fix are one-line `DataError`s.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -170,37 +168,3 @@ def split_eval(rows: Sequence[dict], fraction: float, seed: int) -> tuple[list[d
     held_out[np.random.default_rng(seed).permutation(n)[:num_eval]] = True
     return ([r for r, h in zip(rows, held_out, strict=True) if not h],
             [r for r, h in zip(rows, held_out, strict=True) if h])
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptSet:
-    """Encoded prompts: `tokens[i]` are the chat-templated ids of `rows[i]`."""
-
-    tokens: list[list[int]]
-    rows: list[dict]
-    stats: dict[str, int]
-
-
-def prepare_prompts(data: Any, tokenizer: Any, *, seed: int) -> tuple[PromptSet, PromptSet]:
-    """(train, eval) prompt sets for a run's `data` section (optune_jax.config.DataSection).
-
-    Eval prompts come from `data.eval_files`, or when that is empty a `data.eval_fraction`
-    split of the train files (seeded by `seed`). `num_*_prompts` keep the first N prompts that
-    survive the overlong policy.
-    """
-    train_rows = load_prompt_rows(data.train_files, data.prompt_column)
-    if data.eval_files:
-        eval_rows = load_prompt_rows(data.eval_files, data.prompt_column)
-    else:
-        train_rows, eval_rows = split_eval(train_rows, data.eval_fraction, seed)
-
-    def encode(rows: list[dict], limit: int | None) -> PromptSet:
-        tokens, kept, stats = encode_prompts(
-            rows, tokenizer, column=data.prompt_column, max_tokens=data.max_prompt_tokens,
-            overlong=data.overlong, system_prompt=data.system_prompt,
-        )
-        if limit is not None:
-            tokens, kept = tokens[:limit], kept[:limit]
-        return PromptSet(tokens, kept, {**stats, "used": len(kept)})
-
-    return encode(train_rows, data.num_train_prompts), encode(eval_rows, data.num_eval_prompts)

@@ -472,6 +472,8 @@ class OptuneRun:
                     "eval.reward": float(np.mean(self.initial_eval)),
                     "eval.win_score": 50.0,
                     "seconds.evaluation": time.perf_counter() - start,
+                    **{f"data.train_{k}": v for k, v in self.train_stats.items()},
+                    **{f"data.eval_{k}": v for k, v in self.eval_stats.items()},
                 }
             )
         for t in tqdm(
@@ -488,7 +490,7 @@ class OptuneRun:
                 t,
                 state=self.state,
                 host=self._host_state(),
-                meta=dict(next_iteration=t + 1, totals=self.totals),
+                meta=dict(next_iteration=t + 1, totals=self.totals, config=config_to_dict(cfg)),
             )
             self.log.write(record)
             tqdm.write(_one_line(record))

@@ -142,3 +142,18 @@ def test_output_dir_guards_and_incompatible_resume(tmp_path, capsys):
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     _fails(capsys, [*base, "--set", f"run.output_dir={other}"], "not an optune-jax run")
+
+
+def test_a_half_written_checkpoint_is_never_taken_for_a_complete_one(tmp_path):
+    cfg = micro_config(tmp_path, "optune.iterations=1")
+    run = OptuneRun(cfg, progress=False)
+    run.run()
+    run.close()
+    ckpts = tmp_path / "run" / "checkpoints"
+    partial = ckpts / "1.orbax-checkpoint-tmp-1700000000"  # a save cut by a kill
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "junk").write_bytes(b"\0" * 64)
+    resumed = OptuneRun(cfg, resume=True, progress=False)
+    assert resumed.ckpt.latest() == 0 and resumed.next_iteration == 1
+    assert resumed.ckpt.meta(0)["config"]["optune"]["iterations"] == 1
+    resumed.close()

@@ -1,0 +1,158 @@
+"""`python -m optune_jax.report RUN_DIR... [--out DIR]`: the ρ study's plots and table.
+
+Groups runs by (ρ, selection) over seeds and draws, as the OPTune paper does: held-out reward
+by iteration (Fig. 3), held-out reward against cumulative generation seconds (Fig. 5), and the
+time split per phase against the paper's Table 1. Writes PNGs and `report.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+PAPER_SPLIT = {"generation": 71.8, "reward": 0.1, "training": 28.1}  # Table 1, % of an iteration
+PHASES = ("generation", "reward", "reference", "training")
+
+
+def load_run(path: Path) -> dict:
+    cfg = yaml.safe_load((path / "config.yaml").read_text())
+    records = [json.loads(ln) for ln in (path / "metrics.jsonl").read_text().splitlines() if ln]
+    return dict(path=path, rho=cfg["optune"]["rho"], selection=cfg["optune"]["selection"],
+                seed=cfg["run"]["seed"], initial=records[0],
+                iters=[r for r in records if r["iteration"] >= 0])
+
+
+def group(runs: list[dict]) -> dict[tuple, list[dict]]:
+    groups = defaultdict(list)
+    for r in runs:
+        groups[(r["rho"], "reward" if r["rho"] == 1.0 else r["selection"])].append(r)
+    return dict(sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1])))
+
+
+def label(key) -> str:
+    rho, selection = key
+    return f"ρ={rho:g}" if rho == 1.0 or selection == "reward" else f"Rdm ρ={rho:g}"
+
+
+def curves(runs: list[dict], metric: str) -> np.ndarray:
+    """[seeds, iterations + 1]: the metric before training, then after each iteration."""
+    return np.array([[r["initial"][metric]] + [i[metric] for i in r["iters"]] for r in runs])
+
+
+def gen_seconds(runs: list[dict]) -> np.ndarray:
+    return np.array([[0.0] + [i["total.generation_seconds"] for i in r["iters"]] for r in runs])
+
+
+def phase_split(runs: list[dict]) -> dict[str, float]:
+    totals = {p: sum(i[f"seconds.{p}"] for r in runs for i in r["iters"][1:] or r["iters"])
+              for p in PHASES}
+    whole = sum(totals.values()) or 1.0
+    return {p: 100.0 * v / whole for p, v in totals.items()}
+
+
+def plot(groups, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for key, runs in groups.items():
+        ls = "-" if key[1] == "reward" else "--"
+        r = curves(runs, "eval.reward")
+        x = np.arange(-1, r.shape[1] - 1)
+        axes[0].plot(x, r.mean(0), ls, marker="o", label=label(key))
+        axes[0].fill_between(x, r.min(0), r.max(0), alpha=0.15)
+        axes[1].plot(gen_seconds(runs).mean(0), r.mean(0), ls, marker="o", label=label(key))
+    axes[0].set(xlabel="iteration (-1: initial policy)", ylabel="held-out reward",
+                title="held-out reward by iteration (mean, min-max over seeds)")
+    axes[1].set(xlabel="cumulative generation seconds", ylabel="held-out reward",
+                title="quality against generation cost")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "reward.png", dpi=120)
+    files.append("reward.png")
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = ["paper (Table 1)"] + [label(k) for k in groups]
+    splits = [{**PAPER_SPLIT, "reference": 0.0}] + [phase_split(r) for r in groups.values()]
+    left = np.zeros(len(names))
+    for phase in PHASES:
+        vals = np.array([s.get(phase, 0.0) for s in splits])
+        ax.barh(names, vals, left=left, label=phase)
+        left += vals
+    ax.set(xlabel="% of iteration time (iterations after the first)", title="time per phase")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "phases.png", dpi=120)
+    files.append("phases.png")
+    return files
+
+
+def table(groups) -> str:
+    full = next((runs for key, runs in groups.items() if key[0] == 1.0), None)
+    full_secs = np.mean([sum(sum(i[f"seconds.{p}"] for p in PHASES) for i in r["iters"])
+                         for r in full]) if full else None
+    lines = ["| variant | seeds | held-out reward: initial → final (mean ± sd) | win score | "
+             "prompts regenerated | generation s | iteration s | speed-up vs ρ=1 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key, runs in groups.items():
+        final = curves(runs, "eval.reward")[:, -1]
+        init = curves(runs, "eval.reward")[:, 0].mean()
+        win = np.mean([r["iters"][-1]["eval.win_score"] for r in runs])
+        regen = np.mean([r["iters"][-1]["total.prompts_regenerated"] for r in runs])
+        gen = np.mean([r["iters"][-1]["total.generation_seconds"] for r in runs])
+        secs = np.mean([sum(sum(i[f"seconds.{p}"] for p in PHASES) for i in r["iters"])
+                        for r in runs])
+        speed = f"{full_secs / secs:.2f}×" if full_secs else "n/a"
+        lines.append(f"| {label(key)} | {len(runs)} | {init:.4f} → {final.mean():.4f} ± "
+                     f"{final.std():.4f} | {win:.1f} | {regen:.0f} | {gen:.1f} | {secs:.1f} | "
+                     f"{speed} |")
+    split = ["", "| phase | paper Table 1 | " + " | ".join(label(k) for k in groups) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in groups) + " |"]
+    for phase in PHASES:
+        ours = " | ".join(f"{phase_split(r)[phase]:.1f}%" for r in groups.values())
+        paper = f"{PAPER_SPLIT[phase]:.1f}%" if phase in PAPER_SPLIT else "(in training)"
+        split.append(f"| {phase} | {paper} | {ours} |")
+    return "\n".join(lines + split)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m optune_jax.report", description=__doc__)
+    p.add_argument("runs", nargs="+", type=Path, help="run directories (with metrics.jsonl)")
+    p.add_argument("--out", type=Path, default=Path("docs/results"))
+    args = p.parse_args(argv)
+    runs = []
+    for path in args.runs:
+        if not (path / "metrics.jsonl").is_file() or not (path / "config.yaml").is_file():
+            print(f"error: {path} is not a run directory (no metrics.jsonl/config.yaml)",
+                  file=sys.stderr)
+            return 2
+        run = load_run(path)
+        if run["iters"]:
+            runs.append(run)
+    if not runs:
+        print("error: none of the runs has a completed iteration", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    groups = group(runs)
+    files = plot(groups, args.out)
+    text = table(groups)
+    body = text + "\n\n" + "\n".join(f"![{f}]({f})" for f in files) + "\n"
+    (args.out / "report.md").write_text(body)
+    print(text)
+    print(f"wrote {', '.join(files)} and report.md to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
