@@ -149,6 +149,16 @@ class EvalSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraSection:
+    rank: int = _opt(0, range=NON_NEGATIVE)  # 0: train every weight; > 0: low-rank adapters
+    alpha: float = _opt(16.0, range=POSITIVE)  # update scale alpha / rank
+    targets: tuple[str, ...] = _opt(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    )
+    num_adapters: int = _opt(1, range=POSITIVE)  # > 1: BPO's ensemble, sampled through its merge
+
+
+@dataclasses.dataclass(frozen=True)
 class RunSection:
     output_dir: str = "runs/default"
     seed: int = 0
@@ -165,6 +175,7 @@ class RunConfig:
     loss: LossSection = _section(LossSection)
     train: TrainSection = _section(TrainSection)
     eval: EvalSection = _section(EvalSection)
+    lora: LoraSection = _section(LoraSection)
     run: RunSection = _section(RunSection)
 
 

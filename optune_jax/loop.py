@@ -21,6 +21,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from losses import get_loss
+from models.lora import LoraSpec, init_lora, merge
 from models import (
     SMOLLM2,
     ModelConfig,
@@ -152,8 +153,16 @@ class OptuneRun:
             weight_decay=t.weight_decay,
             max_grad_norm=t.max_grad_norm,
         )
-        self.initial_params = jax.device_get(params) if cfg.optune.reference == "initial" else None
-        self.state = TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.init(params))
+        self.lora, self.frozen, trainable = None, None, params
+        if cfg.lora.rank > 0:  # adapters train; the base weights stay frozen (and are π_0)
+            lc = cfg.lora
+            self.lora = LoraSpec(lc.rank, lc.alpha, tuple(lc.targets), lc.num_adapters)
+            self.frozen = params
+            trainable = init_lora(params, self.lora, jax.random.key(cfg.run.seed + 1))
+        self.initial_params = None
+        if cfg.optune.reference == "initial":  # π_0 waits on the host unless it is the base
+            self.initial_params = self.frozen if self.lora else jax.device_get(params)
+        self.state = TrainState(jnp.zeros((), jnp.int32), trainable, self.optimizer.init(trainable))
         self.pool = selection.PromptPool.empty(
             len(self.train_prompts), cfg.sampling.max_new_tokens, pad_id=self.policy.pad_id
         )
@@ -237,15 +246,23 @@ class OptuneRun:
                 policy=self.spec,
                 loss=self.loss,
                 prompt_len=self.cfg.data.max_prompt_tokens,
+                lora=self.lora,
             ),
             donate_argnums=(0,),
         )
+        self._merge = jax.jit(functools.partial(merge, spec=self.lora)) if self.lora else None
         self._logps = jax.jit(
             functools.partial(
                 response_logps, policy=self.spec, prompt_len=self.cfg.data.max_prompt_tokens
             )
         )
         self._ref_rows = 2 * t.micro_batch_size
+
+    def policy_params(self):
+        """The policy's full weights: with adapters, base + the mean of their updates."""
+        if self.lora is None:
+            return self.state.params
+        return self._merge(self.frozen, self.state.params)
 
     def _host_state(self):
         p = self.pool
@@ -356,8 +373,9 @@ class OptuneRun:
         )
         # 2. sample two responses per selected prompt from π_t
         start = clock()
+        pi_t = self.policy_params()
         gen = self._sample(
-            self.state.params,
+            pi_t,
             [self.train_prompts[i] for i in idx],
             idx,
             seed=cfg.run.seed,
@@ -385,7 +403,7 @@ class OptuneRun:
         )
         # 7a. reference logps of every pair, new and kept, in one pass (SPEC §3)
         start = clock()
-        ref_params = self.state.params if self.initial_params is None else self.initial_params
+        ref_params = pi_t if self.initial_params is None else self.initial_params
         arrays["ref_logps_K2"] = self._reference_logps(ref_params, arrays)
         timers["reference"] = clock() - start
         # 7b. epochs of the loss over D_t
@@ -394,7 +412,7 @@ class OptuneRun:
         timers["training"] = clock() - start
         # evaluate π_{t+1} on held-out prompts (SPEC §6)
         start = clock()
-        eval_rewards, _ = self._evaluate(self.state.params)
+        eval_rewards, _ = self._evaluate(self.policy_params())
         timers["evaluation"] = clock() - start
         wins = int(np.sum(eval_rewards > self.initial_eval))
         losses_ = int(np.sum(eval_rewards < self.initial_eval))
@@ -439,7 +457,7 @@ class OptuneRun:
                 for batch in batches(
                     arrays, order, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size
                 ):
-                    self.state, metrics = self._step(self.state, batch)
+                    self.state, metrics = self._step(self.state, batch, self.frozen)
                     if pending is not None:  # fetch step N's metrics after N+1 is dispatched
                         self._add(sums, jax.device_get(pending))
                     pending, steps = metrics, steps + 1
@@ -465,7 +483,7 @@ class OptuneRun:
         cfg = self.cfg
         if self.next_iteration == 0:
             start = time.perf_counter()
-            self.initial_eval, _ = self._evaluate(self.state.params)
+            self.initial_eval, _ = self._evaluate(self.policy_params())
             self.log.write(
                 {
                     "iteration": -1,
@@ -498,7 +516,7 @@ class OptuneRun:
 
     def export(self) -> Path:
         return export_hf_checkpoint(
-            jax.device_get(self.state.params),
+            jax.device_get(self.policy_params()),
             self.policy.config,
             self.out / "model",
             tokenizer=self.policy.tokenizer,

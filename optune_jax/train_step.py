@@ -20,6 +20,7 @@ from flax import struct
 
 from losses import get_loss, sequence_logps
 from models import ModelConfig, forward
+from models.lora import LoraSpec, merge
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,25 +104,33 @@ def response_logps(params, tokens_RT, attn_RT, resp_RT, *, policy: PolicySpec, p
     )
 
 
-def _micro_loss(params, micro, *, policy: PolicySpec, loss: LossChoice, prompt_len: int):
+def _policy_loss(params, micro, *, policy: PolicySpec, loss: LossChoice, prompt_len: int):
+    """The configured loss on one micro-batch: pairs (and HyPO's online samples) in one pass."""
     m = micro["tokens_M2T"].shape[0]
-    flat = lambda x: x.reshape(2 * m, -1)  # chosen and rejected in one forward pass
-    logps = response_logps(
-        params,
-        flat(micro["tokens_M2T"]),
-        flat(micro["attn_M2T"]),
-        flat(micro["resp_M2T"]),
-        policy=policy,
-        prompt_len=prompt_len,
-    )
-    logps_M2 = logps.reshape(m, 2)
     spec = get_loss(loss.name)
+    names = ("tokens", "attn", "resp")
+    rows = {n: [micro[f"{n}_M2T"].reshape(2 * m, -1)] for n in names}
+    if spec.needs_samples:  # k online samples per prompt for the KL term (SPEC §5)
+        k = micro["sample_tokens_MKT"].shape[1]
+        for n in names:
+            rows[n].append(micro[f"sample_{n}_MKT"].reshape(m * k, -1))
+    rows = {n: jnp.concatenate(r, axis=0) for n, r in rows.items()}
+    logps = response_logps(
+        params, rows["tokens"], rows["attn"], rows["resp"], policy=policy, prompt_len=prompt_len
+    )
+    logps_M2 = logps[: 2 * m].reshape(m, 2)
     extra = {}
     if spec.needs_rewards:
         extra = dict(
             chosen_rewards=micro["rewards_M2"][:, 0], rejected_rewards=micro["rewards_M2"][:, 1]
         )
-    value, metrics = spec.fn(
+    if spec.needs_samples:
+        extra = dict(
+            sample_policy_logps_PK=logps[2 * m :].reshape(m, k),
+            sample_reference_logps_PK=micro["sample_ref_logps_MK"],
+            sample_mask_P=micro["sample_mask_M"],
+        )
+    return spec.fn(
         logps_M2[:, 0],
         logps_M2[:, 1],
         micro["ref_logps_M2"][:, 0],
@@ -130,27 +139,43 @@ def _micro_loss(params, micro, *, policy: PolicySpec, loss: LossChoice, prompt_l
         **extra,
         **dict(loss.hyperparams),
     )
-    return value, metrics
+
+
+def _trainable_loss(trainable, micro, frozen, *, lora: LoraSpec | None, **kw):
+    if lora is None:
+        return _policy_loss(trainable, micro, **kw)
+
+    # BPO's ensemble (SPEC §3): every adapter trains on the same pairs; losses averaged
+    def one(adapter):
+        return _policy_loss(merge(frozen, trainable, lora, adapter=adapter), micro, **kw)
+
+    values, metrics = jax.lax.map(one, jnp.arange(lora.num_adapters))
+    return values.mean(), jax.tree.map(lambda x: x.mean(0), metrics)
 
 
 def train_step(
     state: TrainState,
     batch: dict,
+    frozen=None,
     *,
     optimizer: optax.GradientTransformation,
     policy: PolicySpec,
     loss: LossChoice,
     prompt_len: int,
+    lora: LoraSpec | None = None,
 ):
     """One optimizer step over A micro-batches (gradient accumulation inside the step).
 
     Each micro-batch's mean loss is weighted by its share of the counted pairs, so the step
-    equals one step on the whole batch. Returns (new state, metrics averaged the same way).
+    equals one step on the whole batch. With `lora`, `state.params` are the adapters and
+    `frozen` the base weights. Returns (new state, metrics averaged the same way).
     """
     counts_A = jnp.sum(batch["pair_mask_AM"], axis=1).astype(jnp.float32)
     share_A = counts_A / jnp.maximum(jnp.sum(counts_A), 1.0)
     grad_fn = jax.value_and_grad(
-        lambda p, micro: _micro_loss(p, micro, policy=policy, loss=loss, prompt_len=prompt_len),
+        lambda p, micro: _trainable_loss(
+            p, micro, frozen, lora=lora, policy=policy, loss=loss, prompt_len=prompt_len
+        ),
         has_aux=True,
     )
 

@@ -157,3 +157,23 @@ def test_a_half_written_checkpoint_is_never_taken_for_a_complete_one(tmp_path):
     assert resumed.ckpt.latest() == 0 and resumed.next_iteration == 1
     assert resumed.ckpt.meta(0)["config"]["optune"]["iterations"] == 1
     resumed.close()
+
+
+def test_lora_ensemble_trains_adapters_and_exports_the_merged_model(tmp_path):
+    cfg = micro_config(tmp_path, "optune.iterations=1", "lora.rank=4", "lora.num_adapters=2",
+                       "train.learning_rate=5e-2")
+    run = OptuneRun(cfg, progress=False)
+    base = jax.device_get(run.frozen)
+    records = run.run()
+    assert set(run.state.params) == set(cfg.lora.targets)  # only adapters were trained
+    merged = jax.device_get(run.policy_params())
+    q = merged["layers"]["attn"]["q_proj"]["kernel"]
+    assert not np.allclose(q, base["layers"]["attn"]["q_proj"]["kernel"])
+    np.testing.assert_array_equal(merged["embed"]["embedding"], base["embed"]["embedding"])
+    out = run.export()
+    run.close()
+    from models import load_hf_checkpoint
+
+    _, exported = load_hf_checkpoint(out)
+    np.testing.assert_allclose(exported["layers"]["attn"]["q_proj"]["kernel"], q, atol=1e-6)
+    assert records[-1]["train.loss"] > 0
