@@ -88,6 +88,9 @@ class DataSection:
     num_train_prompts: int | None = _opt(None, range=POSITIVE)  # None: all
     num_eval_prompts: int | None = _opt(None, range=POSITIVE)  # None: all
     system_prompt: str | None = None  # prepended as a system turn when set
+    offline_files: tuple[str, ...] = ()  # preference pairs for run.mode offline / hypo
+    chosen_column: str = "chosen"  # offline pairs: the preferred response's text
+    rejected_column: str = "rejected"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +124,7 @@ class LossSection:
     beta: float = _opt(0.1, range=NON_NEGATIVE)  # β1, scale of the implicit margin
     beta2: float = _opt(1.0, range=NON_NEGATIVE)  # wDPO's reward-gap temperature (Eq. 6)
     average_logps: bool = False  # per-token mean instead of sum of response logps (SPEC §1)
+    lam: float = _opt(0.1, range=NON_NEGATIVE)  # HyPO: weight of the KL term (SPEC §5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +163,16 @@ class LoraSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class HypoSection:
+    samples_per_prompt: int = _opt(4, range="[2, inf)")  # k online samples for the RLOO baseline
+    every: int = _opt(1, range=POSITIVE)  # draw online samples every this many steps
+
+
+@dataclasses.dataclass(frozen=True)
 class RunSection:
+    # optune: Algorithm 1; offline: DPO on data.offline_files, never regenerated;
+    # hypo: offline pairs + loss.lam * KL(π_θ‖π_ref) on online samples (SPEC §5)
+    mode: str = _opt("optune", choices=("optune", "offline", "hypo"))
     output_dir: str = "runs/default"
     seed: int = 0
     keep_checkpoints: int = _opt(2, range=POSITIVE)
@@ -176,6 +189,7 @@ class RunConfig:
     train: TrainSection = _section(TrainSection)
     eval: EvalSection = _section(EvalSection)
     lora: LoraSection = _section(LoraSection)
+    hypo: HypoSection = _section(HypoSection)
     run: RunSection = _section(RunSection)
 
 

@@ -41,8 +41,7 @@ def _load_one(name: str) -> Any:
         builder = _BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise DataError(
-                f"unsupported prompt file {name!r}: extension must be one of "
-                f"{', '.join(_BUILDERS)}"
+                f"unsupported prompt file {name!r}: extension must be one of {', '.join(_BUILDERS)}"
             )
         if path.stat().st_size == 0:
             raise DataError(f"prompt file is empty: {name}")
@@ -51,6 +50,7 @@ def _load_one(name: str) -> Any:
         raise DataError(f"prompt file not found: {name}")
     else:  # no such file and no extension: a hub dataset name, read where a network exists
         kwargs = {"path": name}
+    datasets.disable_progress_bars()  # a local file loads in milliseconds; keep stderr clean
     try:
         return datasets.load_dataset(**kwargs, split="train")
     except Exception as e:  # datasets raises many types, with multi-line messages
@@ -90,6 +90,36 @@ def load_prompt_rows(files: Sequence[str], column: str) -> list[dict]:
     if not rows:
         raise DataError("no prompt files given")
     return rows
+
+
+def load_pair_rows(files: Sequence[str], columns: Sequence[str]) -> list[dict]:
+    """Offline preference rows: `columns` = (prompt, chosen, rejected) text columns."""
+    prompt, *responses = columns
+    rows = load_prompt_rows(files, prompt)
+    for column in responses:
+        for i, row in enumerate(rows):
+            if not isinstance(row.get(column), str):
+                found = ", ".join(rows[i]) or "(none)"
+                raise DataError(
+                    f"row {i} of {list(files)}: no text column {column!r} (columns: {found})"
+                )
+    return rows
+
+
+def encode_responses(
+    texts: Sequence[str], tokenizer: Any, *, max_tokens: int, eos_id: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Offline responses as right-padded tokens [N, max_tokens] and lengths [N].
+
+    A complete response ends with `eos_id`, as a sampled one does; one longer than the budget
+    is cut there without an EOS (SPEC §1).
+    """
+    tokens = np.full((len(texts), max_tokens), pad_id, np.int32)
+    lengths = np.zeros((len(texts),), np.int32)
+    for i, text in enumerate(texts):
+        ids = [*tokenizer(text, add_special_tokens=False)["input_ids"], eos_id][:max_tokens]
+        tokens[i, : len(ids)], lengths[i] = ids, len(ids)
+    return tokens, lengths
 
 
 def _chat_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
@@ -147,8 +177,13 @@ def encode_prompts(
             f"all {len(rows)} prompts are longer than max_tokens={max_tokens} (longest "
             f"{longest}); raise the limit or truncate instead of dropping"
         )
-    stats = {"prompts": len(rows), "kept": len(kept), "dropped": dropped,
-             "truncated": truncated, "longest": longest}
+    stats = {
+        "prompts": len(rows),
+        "kept": len(kept),
+        "dropped": dropped,
+        "truncated": truncated,
+        "longest": longest,
+    }
     return token_lists, kept, stats
 
 
@@ -166,5 +201,7 @@ def split_eval(rows: Sequence[dict], fraction: float, seed: int) -> tuple[list[d
     num_eval = min(n - 1, max(1, round(fraction * n)))
     held_out = np.zeros(n, bool)
     held_out[np.random.default_rng(seed).permutation(n)[:num_eval]] = True
-    return ([r for r, h in zip(rows, held_out, strict=True) if not h],
-            [r for r, h in zip(rows, held_out, strict=True) if h])
+    return (
+        [r for r, h in zip(rows, held_out, strict=True) if not h],
+        [r for r, h in zip(rows, held_out, strict=True) if h],
+    )

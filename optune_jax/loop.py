@@ -21,7 +21,6 @@ import yaml
 from tqdm.auto import tqdm
 
 from losses import get_loss
-from models.lora import LoraSpec, init_lora, merge
 from models import (
     SMOLLM2,
     ModelConfig,
@@ -30,13 +29,14 @@ from models import (
     load_pretrained,
     load_tokenizer,
 )
+from models.lora import LoraSpec, init_lora, merge
 from optune_jax import data as data_lib
 from optune_jax import rewards as rewards_lib
 from optune_jax import selection
 from optune_jax.checkpoint import Checkpoints
 from optune_jax.config import RunConfig, config_to_dict
 from optune_jax.metrics_log import MetricsLog
-from optune_jax.pairs import batches, pair_arrays
+from optune_jax.pairs import batches, layout, pair_arrays
 from optune_jax.train_step import (
     LossChoice,
     PolicySpec,
@@ -50,6 +50,7 @@ from sampling import SamplingOptions, sample_prompts
 # Settings a resumed run may change; any other difference makes the checkpoint incompatible.
 RESUMABLE_CHANGES = ("optune.iterations", "eval", "run.output_dir", "run.keep_checkpoints")
 EVAL_SEED_OFFSET = 1_000_003  # held-out draws use their own stream, the same every iteration
+KL_METRICS = ("kl", "kl_surrogate")  # HyPO metrics averaged over sampled prompts
 
 
 class RunError(ValueError):
@@ -106,10 +107,12 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def _one_line(r: dict) -> str:
+    nan = float("nan")
     return (
         f"iter {r['iteration']}: regenerated {r['prompts_regenerated']} prompts "
-        f"({r['seconds.generation']:.0f}s), reward new {r['reward_new']:.3f} "
-        f"kept {r['reward_kept']:.3f}, {r['pairs']} pairs ({r['pairs_dropped_ties']} ties), "
+        f"({r['seconds.generation']:.0f}s), reward new {r.get('reward_new', nan):.3f} "
+        f"kept {r.get('reward_kept', nan):.3f}, {r['pairs']} pairs "
+        f"({r['pairs_dropped_ties']} ties), "
         f"loss {r.get('train.loss', float('nan')):.4f} ({r['seconds.training']:.0f}s), "
         f"held-out reward {r['eval.reward']:.4f}, win score {r['eval.win_score']:.1f}"
     )
@@ -130,10 +133,20 @@ class OptuneRun:
         self.out = Path(cfg.run.output_dir)
         self.progress = progress
         # everything that can be wrong is checked before anything is written
-        if get_loss(cfg.loss.name).needs_samples:
+        spec = get_loss(cfg.loss.name)
+        rewarded = not cfg.data.offline_files  # pairs from a file carry no rewards
+        allowed = {  # which losses each mode can feed
+            "optune": lambda s: not s.needs_samples,
+            "offline": lambda s: not s.needs_samples and (rewarded or not s.needs_rewards),
+            "hypo": lambda s: s.needs_samples,
+        }[cfg.run.mode]
+        if not allowed(spec):
+            from losses import LOSSES
+
+            ok = [name for name, s in LOSSES.items() if allowed(s)]
             raise RunError(
-                f"loss {cfg.loss.name!r} needs online samples, not pairs; "
-                "the OPTune loop takes dpo, wdpo, ipo or hinge"
+                f"loss.name={cfg.loss.name} does not fit run.mode={cfg.run.mode}; "
+                f"allowed: {', '.join(ok)}"
             )
         rewards_lib.get_reward(cfg.reward.name)
         self.policy, params = load_policy(cfg)
@@ -213,7 +226,11 @@ class OptuneRun:
 
     def _load_prompts(self):
         d = self.cfg.data
-        rows = data_lib.load_prompt_rows(list(d.train_files), d.prompt_column)
+        if self.cfg.run.mode == "optune" or not d.offline_files:
+            rows = data_lib.load_prompt_rows(list(d.train_files), d.prompt_column)
+        else:
+            columns = (d.prompt_column, d.chosen_column, d.rejected_column)
+            rows = data_lib.load_pair_rows(list(d.offline_files), columns)
         if d.eval_files:
             eval_rows = data_lib.load_prompt_rows(list(d.eval_files), d.prompt_column)
         else:
@@ -230,6 +247,33 @@ class OptuneRun:
         )
         self.train_prompts, self.train_rows, self.train_stats = enc(rows)
         self.eval_prompts, self.eval_rows, self.eval_stats = enc(eval_rows)
+        self.offline_arrays = None
+        if self.cfg.run.mode != "optune" and d.offline_files:  # the fixed pairs, laid out once
+            s = self.cfg.sampling
+            enc = functools.partial(
+                data_lib.encode_responses,
+                tokenizer=self.policy.tokenizer,
+                max_tokens=s.max_new_tokens,
+                eos_id=self.policy.eos_ids[0],
+                pad_id=self.policy.pad_id,
+            )
+            sides = [
+                enc([r[c] for r in self.train_rows]) for c in (d.chosen_column, d.rejected_column)
+            ]
+            tokens = np.stack([t for t, _ in sides], axis=1)
+            lengths = np.stack([n for _, n in sides], axis=1)
+            self.offline_arrays = dict(
+                layout(
+                    self.train_prompts,
+                    tokens,
+                    lengths,
+                    prompt_len=d.max_prompt_tokens,
+                    pad_id=self.policy.pad_id,
+                ),
+                rewards_K2=np.tile(np.float32([1.0, 0.0]), (len(tokens), 1)),
+                pair_mask_K=np.ones((len(tokens),), bool),
+                prompt_idx_K=np.arange(len(tokens), dtype=np.int32),
+            )
         for name, prompts in (("training", self.train_prompts), ("held-out", self.eval_prompts)):
             if not prompts:
                 raise RunError(
@@ -345,35 +389,36 @@ class OptuneRun:
         )
         return self._score(self.eval_rows, gen.tokens, gen.lengths)[:, 0], gen
 
-    def _reference_logps(self, params, arrays):
-        k = arrays["tokens_K2T"].shape[0]
+    def _reference_logps(self, params, tokens_NST, attn_NST, resp_NST):
+        """Sequence logps [N, S] of every row, in fixed-size chunks (one compiled program)."""
+        n, s = tokens_NST.shape[:2]
+        flat = [x.reshape(n * s, -1) for x in (tokens_NST, attn_NST, resp_NST)]
         rows = self._ref_rows
-        flat = {n: arrays[n].reshape(2 * k, -1) for n in ("tokens_K2T", "attn_K2T", "resp_K2T")}
-        out = np.zeros((2 * k,), np.float32)
-        for start in range(0, 2 * k, rows):
-            chunk = {n: x[start : start + rows] for n, x in flat.items()}
-            m = len(chunk["tokens_K2T"])
-            if m < rows:  # fixed shape: one compiled program
-                chunk = {
-                    n: np.concatenate([x, np.repeat(x[:1], rows - m, 0)]) for n, x in chunk.items()
-                }
-            out[start : start + m] = np.asarray(
-                self._logps(params, chunk["tokens_K2T"], chunk["attn_K2T"], chunk["resp_K2T"])
-            )[:m]
-        return out.reshape(k, 2)
+        out = np.zeros((n * s,), np.float32)
+        for start in range(0, n * s, rows):
+            chunk = [x[start : start + rows] for x in flat]
+            m = len(chunk[0])
+            if m < rows:
+                chunk = [np.concatenate([x, np.repeat(x[:1], rows - m, 0)]) for x in chunk]
+            out[start : start + m] = np.asarray(self._logps(params, *chunk))[:m]
+        return out.reshape(n, s)
 
-    def iteration(self, t: int) -> dict:
-        cfg, timers = self.cfg, {}
-        clock = time.perf_counter
+    def _collect(self, t: int, pi_t, timers, *, regenerate: bool) -> tuple[dict, dict]:
+        """Steps 1-6 of SPEC §4: select, sample from π_t, reward, assemble D_t.
+
+        `regenerate=False` keeps every pair (offline DPO: D_0 from π_0, never refreshed).
+        """
+        cfg, clock = self.cfg, time.perf_counter
         rng = np.random.default_rng([cfg.run.seed, t])
         # 1. select (SPEC §4 step 1; everything at t = 0)
         method = "lowest" if cfg.optune.selection == "reward" else "random"
-        idx = selection.select(
-            self.pool, cfg.optune.rho, method=method, key=cfg.optune.rank_key, rng=rng
-        )
+        idx = np.zeros((0,), np.int64)
+        if regenerate:
+            idx = selection.select(
+                self.pool, cfg.optune.rho, method=method, key=cfg.optune.rank_key, rng=rng
+            )
         # 2. sample two responses per selected prompt from π_t
         start = clock()
-        pi_t = self.policy_params()
         gen = self._sample(
             pi_t,
             [self.train_prompts[i] for i in idx],
@@ -388,7 +433,9 @@ class OptuneRun:
         timers["generation"] = clock() - start
         # 3. reward the new responses
         start = clock()
-        new_rewards = self._score([self.train_rows[i] for i in idx], gen.tokens, gen.lengths)
+        new_rewards = np.zeros((0, 2), np.float32)
+        if len(idx):
+            new_rewards = self._score([self.train_rows[i] for i in idx], gen.tokens, gen.lengths)
         timers["reward"] = clock() - start
         # 4-6. assemble D_t, choose winners, drop ties; the pool's rewards are the next ranking
         self.pool = selection.update_pool(self.pool, idx, gen.tokens, gen.lengths, new_rewards, t)
@@ -401,37 +448,69 @@ class OptuneRun:
             eos_ids=self.policy.eos_ids,
             drop_truncated=cfg.sampling.truncated == "drop",
         )
+        self._count_generation(len(idx), 2 * len(idx), gen.tokens_generated, timers["generation"])
+        record = {
+            "prompts_regenerated": len(idx),
+            "responses_generated": 2 * len(idx),
+            "tokens_generated": gen.tokens_generated,
+            "pairs": len(pairs.prompt_idx_K),
+            "pairs_dropped_ties": pairs.num_ties,
+            "pairs_dropped_truncated": int(np.sum(~arrays["pair_mask_K"])),
+            "reward_new": pairs.mean_reward_new,
+            "reward_kept": pairs.mean_reward_kept,
+            "responses_finished": float(np.mean(gen.finished)) if len(idx) else float("nan"),
+        }
+        return arrays, record
+
+    def _count_generation(self, prompts: int, responses: int, tokens: int, seconds: float):
+        self.totals["prompts_regenerated"] += prompts
+        self.totals["responses_generated"] += responses
+        self.totals["tokens_generated"] += tokens
+        self.totals["generation_seconds"] += seconds
+
+    def iteration(self, t: int) -> dict:
+        cfg, timers = self.cfg, {"generation": 0.0, "reward": 0.0}
+        clock = time.perf_counter
+        pi_t = self.policy_params()
+        if self.offline_arrays is not None:  # pairs from a file: nothing is generated
+            arrays = dict(self.offline_arrays)
+            record = {
+                "prompts_regenerated": 0,
+                "responses_generated": 0,
+                "tokens_generated": 0,
+                "pairs": len(arrays["pair_mask_K"]),
+                "pairs_dropped_ties": 0,
+            }
+        else:  # offline / hypo without a file: D_0 from π_0, then fixed
+            fresh = cfg.run.mode == "optune" or t == 0
+            arrays, record = self._collect(t, pi_t, timers, regenerate=fresh)
         # 7a. reference logps of every pair, new and kept, in one pass (SPEC §3)
         start = clock()
         ref_params = pi_t if self.initial_params is None else self.initial_params
-        arrays["ref_logps_K2"] = self._reference_logps(ref_params, arrays)
+        arrays["ref_logps_K2"] = self._reference_logps(
+            ref_params, arrays["tokens_K2T"], arrays["attn_K2T"], arrays["resp_K2T"]
+        )
         timers["reference"] = clock() - start
-        # 7b. epochs of the loss over D_t
+        # 7b. epochs of the loss over D_t (HyPO draws its online samples inside)
         start = clock()
-        train_metrics = self._train(arrays, t)
-        timers["training"] = clock() - start
+        if ref_params is self.state.params and get_loss(cfg.loss.name).needs_samples:
+            # the train step donates the state; HyPO's samples need π_t during training, so it
+            # waits on the host (use LoRA to keep a 7B reference on the device for free)
+            ref_params = jax.device_get(ref_params)
+        train_metrics, online = self._train(arrays, t, ref_params)
+        timers["training"] = clock() - start - online["seconds"]
+        timers["generation"] += online["seconds"]
+        for key in ("prompts_regenerated", "responses_generated", "tokens_generated"):
+            record[key] += online[key]
         # evaluate π_{t+1} on held-out prompts (SPEC §6)
         start = clock()
         eval_rewards, _ = self._evaluate(self.policy_params())
         timers["evaluation"] = clock() - start
         wins = int(np.sum(eval_rewards > self.initial_eval))
         losses_ = int(np.sum(eval_rewards < self.initial_eval))
-        self.totals["prompts_regenerated"] += len(idx)
-        self.totals["responses_generated"] += 2 * len(idx)
-        self.totals["tokens_generated"] += gen.tokens_generated
-        self.totals["generation_seconds"] += timers["generation"]
-        dropped = int(np.sum(~arrays["pair_mask_K"]))
         return {
             "iteration": t,
-            "prompts_regenerated": len(idx),
-            "responses_generated": 2 * len(idx),
-            "tokens_generated": gen.tokens_generated,
-            "pairs": len(pairs.prompt_idx_K),
-            "pairs_dropped_ties": pairs.num_ties,
-            "pairs_dropped_truncated": dropped,
-            "reward_new": pairs.mean_reward_new,
-            "reward_kept": pairs.mean_reward_kept,
-            "responses_finished": float(np.mean(gen.finished)) if len(idx) else float("nan"),
+            **record,
             **{f"seconds.{k}": v for k, v in timers.items()},
             **{f"train.{k}": v for k, v in train_metrics.items()},
             "eval.reward": float(np.mean(eval_rewards)),
@@ -439,11 +518,45 @@ class OptuneRun:
             **{f"total.{k}": v for k, v in self.totals.items()},
         }
 
-    def _train(self, arrays, t: int) -> dict:
+    def _online_samples(self, prompt_idx, ref_params, t: int, step: int) -> tuple[dict, int]:
+        """HyPO's k samples per prompt of a batch from the current policy (SPEC §5)."""
+        cfg = self.cfg
+        k = cfg.hypo.samples_per_prompt
+        gen = self._sample(
+            self.policy_params(),
+            [self.train_prompts[i] for i in prompt_idx],
+            # a fresh draw per step: ids offset by the step keep draws independent
+            prompt_idx + step * len(self.train_prompts),
+            seed=cfg.run.seed,
+            iteration=t,
+            num_samples=k,
+            max_new=cfg.sampling.max_new_tokens,
+            batch=cfg.sampling.batch_size,
+            desc=f"iter {t} online samples",
+        )
+        rows = layout(
+            [self.train_prompts[i] for i in prompt_idx],
+            gen.tokens,
+            gen.lengths,
+            prompt_len=cfg.data.max_prompt_tokens,
+            pad_id=self.policy.pad_id,
+            prefix="sample_",
+        )
+        ref = self._reference_logps(ref_params, *rows.values())
+        a = cfg.train.batch_size // cfg.train.micro_batch_size
+        shaped = {
+            n.replace("_NST", "_AMKT"): x.reshape(a, -1, *x.shape[1:]) for n, x in rows.items()
+        }
+        shaped["sample_ref_logps_AMK"] = ref.reshape(a, -1, k)
+        return shaped, gen.tokens_generated
+
+    def _train(self, arrays, t: int, ref_params) -> tuple[dict, dict]:
         cfg = self.cfg.train
+        hypo = get_loss(self.cfg.loss.name).needs_samples
         k = len(arrays["pair_mask_K"])
         sums: dict[str, float] = {}
-        steps = 0
+        online = dict(prompts_regenerated=0, responses_generated=0, tokens_generated=0, seconds=0.0)
+        steps, first = 0, None
         with tqdm(
             total=cfg.epochs * math.ceil(k / cfg.batch_size),
             desc=f"iter {t} train",
@@ -454,28 +567,61 @@ class OptuneRun:
             pending = None
             for epoch in range(cfg.epochs):
                 order = np.random.default_rng([self.cfg.run.seed, t, epoch, 7]).permutation(k)
-                for batch in batches(
+                for idx, batch in batches(
                     arrays, order, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size
                 ):
+                    if hypo:  # no samples this step: the KL term is masked out
+                        draw = steps % self.cfg.hypo.every == 0
+                        if draw:
+                            start = time.perf_counter()
+                            samples, tokens = self._online_samples(
+                                arrays["prompt_idx_K"][idx], ref_params, t, steps
+                            )
+                            online["seconds"] += time.perf_counter() - start
+                            online["prompts_regenerated"] += len(idx)
+                            online["responses_generated"] += (
+                                len(idx) * self.cfg.hypo.samples_per_prompt
+                            )
+                            online["tokens_generated"] += tokens
+                        batch.update(samples)
+                        batch["sample_mask_AM"] = batch["pair_mask_AM"] & draw
                     self.state, metrics = self._step(self.state, batch, self.frozen)
                     if pending is not None:  # fetch step N's metrics after N+1 is dispatched
                         self._add(sums, jax.device_get(pending))
                     pending, steps = metrics, steps + 1
+                    first = metrics if first is None else first
                     bar.update()
             if pending is not None:
                 self._add(sums, jax.device_get(pending))
         pairs = max(sums.get("num_pairs", 0.0), 1.0)
-        out = {k: v / pairs for k, v in sums.items() if k not in ("num_pairs", "grad_norm")}
+        prompts = max(sums.get("num_prompts", 0.0), 1.0)
+        out = {
+            key: value / (prompts if key in KL_METRICS else pairs)
+            for key, value in sums.items()
+            if key not in ("num_pairs", "num_prompts", "grad_norm")
+        }
         out["steps"] = steps
         out["pairs_trained"] = sums.get("num_pairs", 0.0)
         out["grad_norm"] = sums.get("grad_norm", 0.0) / max(steps, 1)
-        return out
+        # the first step of a phase: with reference π_t, margins (and the KL) are exactly 0
+        first = jax.device_get(first) if first is not None else {}
+        out.update({f"first.{m}": float(first[m]) for m in ("margin", "kl") if m in first})
+        if self.cfg.run.mode != "optune":
+            self._count_generation(
+                online["prompts_regenerated"],
+                online["responses_generated"],
+                online["tokens_generated"],
+                online["seconds"],
+            )
+        return out, online
 
     @staticmethod
     def _add(sums, metrics):
-        n = float(metrics["num_pairs"])
         for key, value in metrics.items():
-            w = 1.0 if key in ("num_pairs", "grad_norm") else n
+            if key in ("num_pairs", "num_prompts", "grad_norm"):
+                w = 1.0
+            else:  # means over pairs (or, for the KL term, over sampled prompts)
+                w = float(metrics["num_prompts" if key in KL_METRICS else "num_pairs"])
             sums[key] = sums.get(key, 0.0) + w * float(value)
 
     # ------------------------------------------------------------------------ driver

@@ -177,3 +177,47 @@ def test_lora_ensemble_trains_adapters_and_exports_the_merged_model(tmp_path):
     _, exported = load_hf_checkpoint(out)
     np.testing.assert_allclose(exported["layers"]["attn"]["q_proj"]["kernel"], q, atol=1e-6)
     assert records[-1]["train.loss"] > 0
+
+
+def test_offline_dpo_generates_d0_once_then_never_again(tmp_path):
+    run = OptuneRun(micro_config(tmp_path, "run.mode=offline", "loss.name=dpo"), progress=False)
+    records = run.run()[1:]
+    run.close()
+    assert [r["prompts_regenerated"] for r in records] == [16, 0]
+    assert records[1]["reward_kept"] == records[0]["reward_new"]  # the same D_0
+    # behavior reference: at the first step of each phase the policy IS the reference (the two
+    # passes differ only by float32 rounding of differently batched programs)
+    assert all(abs(r["train.first.margin"]) < 1e-5 for r in records)
+
+
+def test_hypo_draws_online_samples_and_its_kl_starts_at_zero(tmp_path):
+    run = OptuneRun(micro_config(tmp_path, "run.mode=hypo", "loss.name=hypo", "loss.lam=0.5",
+                                 "hypo.samples_per_prompt=2"), progress=False)
+    records = run.run()[1:]
+    run.close()
+    # D_0 (16 prompts) at t = 0, then only the KL's online samples: 2 steps x 8 prompts
+    assert [r["prompts_regenerated"] for r in records] == [16 + 16, 16]
+    assert [r["responses_generated"] for r in records] == [32 + 32, 32]
+    for r in records:
+        assert abs(r["train.first.kl"]) < 1e-4 and abs(r["train.first.margin"]) < 1e-5
+        assert r["train.kl"] != 0.0 and np.isfinite(r["train.kl"])
+    assert records[-1]["total.tokens_generated"] == sum(r["tokens_generated"] for r in records)
+
+
+def test_offline_pairs_from_a_file(tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"Say something about the number {i}.", "chosen": "a e i o u " * 3,
+             "rejected": "x y z " * 4} for i in range(16)]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = OptuneRun(micro_config(tmp_path, "run.mode=offline", "loss.name=dpo",
+                                 f"data.offline_files=[{pairs}]"), progress=False)
+    records = run.run()[1:]
+    run.close()
+    assert [r["tokens_generated"] for r in records] == [0, 0]
+    assert records[-1]["train.margin"] > records[0]["train.margin"]
+    base = ["--config", "configs/tiny.yaml", "--set", f"run.output_dir={tmp_path / 'x'}",
+            "--set", "run.mode=offline", "--set", f"data.offline_files=[{pairs}]"]
+    capsys.readouterr()
+    _fails(capsys, base, "loss.name=wdpo does not fit run.mode=offline; allowed: dpo, ipo, hinge")
+    _fails(capsys, [*base, "--set", "loss.name=dpo", "--set", "data.chosen_column=good"],
+           "no text column 'good'")
