@@ -32,6 +32,7 @@ NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfl
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
+HEADS = {"lm": "ForCausalLM", "score": "ForSequenceClassification"}  # head -> architecture suffix
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -73,8 +74,14 @@ class TensorEntry:
         return w.reshape(self.hf_shape)
 
 
-def tensor_table(config: ModelConfig) -> tuple[TensorEntry, ...]:
-    """Every tensor of a MistralForCausalLM / LlamaForCausalLM checkpoint and its Flax leaf."""
+def tensor_table(config: ModelConfig, *, head: str = "lm") -> tuple[TensorEntry, ...]:
+    """Every tensor of a checkpoint and its Flax leaf.
+
+    `head`: "lm" for MistralForCausalLM / LlamaForCausalLM, "score" for their
+    ForSequenceClassification with num_labels = 1 (a reward model: no lm_head, `score.weight`).
+    """
+    if head not in HEADS:
+        raise CheckpointError(f"head={head!r}; allowed: {', '.join(HEADS)}")
     v, d, f = config.vocab_size, config.hidden_size, config.intermediate_size
     n, k, h = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     lay = "model.layers.{i}."
@@ -95,7 +102,9 @@ def tensor_table(config: ModelConfig) -> tuple[TensorEntry, ...]:
         e(lay + "mlp.down_proj.weight", "layers/mlp/down_proj/kernel", (d, f), (f, d)),
         e("model.norm.weight", "final_norm/scale", (d,), (d,), False),
     ]
-    if not config.tie_word_embeddings:
+    if head == "score":
+        table.append(e("score.weight", "score/kernel", (1, d), (d, 1)))
+    elif not config.tie_word_embeddings:
         table.append(e("lm_head.weight", "lm_head/kernel", (v, d), (d, v)))
     return tuple(table)
 
@@ -125,6 +134,7 @@ def params_from_tensors(
     *,
     dtype: str = "float32",
     source: str = "checkpoint",
+    head: str = "lm",
 ) -> Params:
     """Assembles the Flax tree from transformers-named tensors, one tensor in memory at a time.
 
@@ -134,11 +144,12 @@ def params_from_tensors(
       read: name -> NumPy array in transformers layout.
       dtype: "float32" or "bfloat16", the dtype of the returned NumPy leaves.
       source: what to call the source in error messages.
+      head: "lm" or "score" (see `tensor_table`).
     Returns:
       The nested dict of NumPy arrays described in `tensor_table`.
     """
     np_dtype = _np_dtype(dtype)
-    table = tensor_table(config)
+    table = tensor_table(config, head=head)
     layers = config.num_hidden_layers
     expected = {name: entry for entry in table for name in entry.names(layers)}
     present = {name for name in shapes if not _ignored(name, config)}
@@ -201,12 +212,15 @@ def _read_raw(file: Path, name: str) -> np.ndarray:
     return np.frombuffer(data, ml_dtypes.bfloat16).reshape(info["shape"])
 
 
-def load_hf_checkpoint(path: str | Path, *, dtype: str = "float32") -> tuple[ModelConfig, Params]:
+def load_hf_checkpoint(
+    path: str | Path, *, dtype: str = "float32", head: str = "lm"
+) -> tuple[ModelConfig, Params]:
     """Reads a transformers MistralForCausalLM / LlamaForCausalLM safetensors directory.
 
     Args:
       path: directory with config.json and model.safetensors (or shards + index).
       dtype: "float32" or "bfloat16", the dtype of the returned leaves.
+      head: "lm", or "score" for a *ForSequenceClassification checkpoint (see `tensor_table`).
     Returns:
       (config, params): params is a nested dict of NumPy arrays (layers stacked on axis 0),
       ready for `jax.device_put` with whatever sharding the caller wants.
@@ -229,7 +243,9 @@ def load_hf_checkpoint(path: str | Path, *, dtype: str = "float32") -> tuple[Mod
             return handles[files[name]].get_tensor(name)
 
         shapes = {name: tuple(s.get_shape()) for name, s in slices.items()}
-        params = params_from_tensors(config, shapes, read, dtype=dtype, source=str(path))
+        params = params_from_tensors(
+            config, shapes, read, dtype=dtype, source=str(path), head=head
+        )
     return config, params
 
 
@@ -311,6 +327,7 @@ def export_hf_checkpoint(
     tokenizer: Any = None,
     dtype: str = "float32",
     max_shard_size: int | str = "5GB",
+    head: str = "lm",
 ) -> Path:
     """Writes a transformers checkpoint directory that `AutoModelForCausalLM.from_pretrained` loads.
 
@@ -323,6 +340,7 @@ def export_hf_checkpoint(
       dtype: "float32" or "bfloat16" storage dtype.
       max_shard_size: bytes (int) or a size like "5GB"; larger checkpoints are sharded with
         a model.safetensors.index.json.
+      head: "lm", or "score" for a *ForSequenceClassification checkpoint with num_labels = 1.
     Returns:
       The output directory.
     """
@@ -331,7 +349,7 @@ def export_hf_checkpoint(
     max_bytes = _parse_size(max_shard_size)
     if out_dir.exists() and not out_dir.is_dir():
         raise CheckpointError(f"export target {out_dir} exists and is not a directory")
-    table = tensor_table(config)
+    table = tensor_table(config, head=head)
     _check_params(params, config, table)
     layers = config.num_hidden_layers
     where = {name: (entry, i) for entry in table for i, name in enumerate(entry.names(layers))}
@@ -351,6 +369,10 @@ def export_hf_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         hf_config = config.to_hf_dict() | {"torch_dtype": dtype}
+        if head == "score":  # what transformers writes for num_labels = 1
+            arch = hf_config["architectures"][0].replace(HEADS["lm"], HEADS["score"])
+            hf_config |= {"architectures": [arch], "id2label": {"0": "LABEL_0"},
+                          "label2id": {"LABEL_0": 0}}
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(
             json.dumps(_generation_config(config), indent=2) + "\n"

@@ -23,21 +23,30 @@ PHASES = ("generation", "reward", "reference", "training")
 def load_run(path: Path) -> dict:
     cfg = yaml.safe_load((path / "config.yaml").read_text())
     records = [json.loads(ln) for ln in (path / "metrics.jsonl").read_text().splitlines() if ln]
-    return dict(path=path, rho=cfg["optune"]["rho"], selection=cfg["optune"]["selection"],
-                seed=cfg["run"]["seed"], initial=records[0],
+    mode = cfg["run"].get("mode", "optune")
+    selection = cfg["optune"]["selection"] if cfg["optune"]["rho"] < 1.0 else "reward"
+    key = (mode, cfg["optune"]["rho"] if mode == "optune" else 0.0,
+           selection if mode == "optune" else "", cfg["optune"]["reference"])
+    return dict(path=path, key=key, seed=cfg["run"]["seed"], initial=records[0],
                 iters=[r for r in records if r["iteration"] >= 0])
 
 
 def group(runs: list[dict]) -> dict[tuple, list[dict]]:
     groups = defaultdict(list)
     for r in runs:
-        groups[(r["rho"], "reward" if r["rho"] == 1.0 else r["selection"])].append(r)
-    return dict(sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1])))
+        groups[r["key"]].append(r)
+    order = {"optune": 0, "hypo": 1, "offline": 2}
+    return dict(sorted(groups.items(), key=lambda kv: (order[kv[0][0]], -kv[0][1], kv[0][2:])))
 
 
-def label(key) -> str:
-    rho, selection = key
-    return f"ρ={rho:g}" if rho == 1.0 or selection == "reward" else f"Rdm ρ={rho:g}"
+def label(key, references: set[str] = frozenset({"behavior"})) -> str:
+    mode, rho, selection, reference = key
+    name = {"offline": "offline DPO", "hypo": "HyPO"}.get(mode)
+    if name is None:
+        name = f"ρ={rho:g}" if selection == "reward" else f"Rdm ρ={rho:g}"
+    if len(references) == 1:
+        return name
+    return f"{name}, ref π_{'t' if reference == 'behavior' else '0'}"
 
 
 def curves(runs: list[dict], metric: str) -> np.ndarray:
@@ -56,21 +65,26 @@ def phase_split(runs: list[dict]) -> dict[str, float]:
     return {p: 100.0 * v / whole for p, v in totals.items()}
 
 
+def _labels(groups) -> dict:
+    references = {key[3] for key in groups}
+    return {key: label(key, references) for key in groups}
+
+
 def plot(groups, out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = []
+    files, names = [], _labels(groups)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for key, runs in groups.items():
-        ls = "-" if key[1] == "reward" else "--"
+        ls = "--" if key[2] == "random" or key[0] != "optune" else "-"
         r = curves(runs, "eval.reward")
         x = np.arange(-1, r.shape[1] - 1)
-        axes[0].plot(x, r.mean(0), ls, marker="o", label=label(key))
+        axes[0].plot(x, r.mean(0), ls, marker="o", label=names[key])
         axes[0].fill_between(x, r.min(0), r.max(0), alpha=0.15)
-        axes[1].plot(gen_seconds(runs).mean(0), r.mean(0), ls, marker="o", label=label(key))
+        axes[1].plot(gen_seconds(runs).mean(0), r.mean(0), ls, marker="o", label=names[key])
     axes[0].set(xlabel="iteration (-1: initial policy)", ylabel="held-out reward",
                 title="held-out reward by iteration (mean, min-max over seeds)")
     axes[1].set(xlabel="cumulative generation seconds", ylabel="held-out reward",
@@ -83,12 +97,12 @@ def plot(groups, out: Path) -> list[str]:
     files.append("reward.png")
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    names = ["paper (Table 1)"] + [label(k) for k in groups]
+    bars = ["paper (Table 1)"] + [names[k] for k in groups]
     splits = [{**PAPER_SPLIT, "reference": 0.0}] + [phase_split(r) for r in groups.values()]
-    left = np.zeros(len(names))
+    left = np.zeros(len(bars))
     for phase in PHASES:
         vals = np.array([s.get(phase, 0.0) for s in splits])
-        ax.barh(names, vals, left=left, label=phase)
+        ax.barh(bars, vals, left=left, label=phase)
         left += vals
     ax.set(xlabel="% of iteration time (iterations after the first)", title="time per phase")
     ax.legend(fontsize=8, loc="lower right")
@@ -99,7 +113,8 @@ def plot(groups, out: Path) -> list[str]:
 
 
 def table(groups) -> str:
-    full = next((runs for key, runs in groups.items() if key[0] == 1.0), None)
+    names = _labels(groups)
+    full = next((runs for key, runs in groups.items() if key[:2] == ("optune", 1.0)), None)
     full_secs = np.mean([sum(sum(i[f"seconds.{p}"] for p in PHASES) for i in r["iters"])
                          for r in full]) if full else None
     lines = ["| variant | seeds | held-out reward: initial → final (mean ± sd) | win score | "
@@ -114,10 +129,10 @@ def table(groups) -> str:
         secs = np.mean([sum(sum(i[f"seconds.{p}"] for p in PHASES) for i in r["iters"])
                         for r in runs])
         speed = f"{full_secs / secs:.2f}×" if full_secs else "n/a"
-        lines.append(f"| {label(key)} | {len(runs)} | {init:.4f} → {final.mean():.4f} ± "
+        lines.append(f"| {names[key]} | {len(runs)} | {init:.4f} → {final.mean():.4f} ± "
                      f"{final.std():.4f} | {win:.1f} | {regen:.0f} | {gen:.1f} | {secs:.1f} | "
                      f"{speed} |")
-    split = ["", "| phase | paper Table 1 | " + " | ".join(label(k) for k in groups) + " |",
+    split = ["", "| phase | paper Table 1 | " + " | ".join(names[k] for k in groups) + " |",
              "| --- | --- | " + " | ".join("---" for _ in groups) + " |"]
     for phase in PHASES:
         ours = " | ".join(f"{phase_split(r)[phase]:.1f}%" for r in groups.values())
