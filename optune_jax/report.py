@@ -54,8 +54,9 @@ def curves(runs: list[dict], metric: str) -> np.ndarray:
     return np.array([[r["initial"][metric]] + [i[metric] for i in r["iters"]] for r in runs])
 
 
-def gen_seconds(runs: list[dict]) -> np.ndarray:
-    return np.array([[0.0] + [i["total.generation_seconds"] for i in r["iters"]] for r in runs])
+def cumulative(runs: list[dict], total: str) -> np.ndarray:
+    """[seeds, iterations + 1] running total of a cost (0 before the first iteration)."""
+    return np.array([[0.0] + [i[f"total.{total}"] for i in r["iters"]] for r in runs])
 
 
 def phase_split(runs: list[dict]) -> dict[str, float]:
@@ -77,18 +78,21 @@ def plot(groups, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     files, names = [], _labels(groups)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     for key, runs in groups.items():
         ls = "--" if key[2] == "random" or key[0] != "optune" else "-"
         r = curves(runs, "eval.reward")
         x = np.arange(-1, r.shape[1] - 1)
         axes[0].plot(x, r.mean(0), ls, marker="o", label=names[key])
         axes[0].fill_between(x, r.min(0), r.max(0), alpha=0.15)
-        axes[1].plot(gen_seconds(runs).mean(0), r.mean(0), ls, marker="o", label=names[key])
+        for ax, cost in zip(axes[1:], ("generation_seconds", "tokens_generated"), strict=True):
+            ax.plot(cumulative(runs, cost).mean(0), r.mean(0), ls, marker="o", label=names[key])
     axes[0].set(xlabel="iteration (-1: initial policy)", ylabel="held-out reward",
                 title="held-out reward by iteration (mean, min-max over seeds)")
     axes[1].set(xlabel="cumulative generation seconds", ylabel="held-out reward",
-                title="quality against generation cost")
+                title="quality against generation time")
+    axes[2].set(xlabel="cumulative tokens generated", ylabel="held-out reward",
+                title="quality against generated tokens (load-independent)")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -118,20 +122,22 @@ def table(groups) -> str:
     full_secs = np.mean([sum(sum(i[f"seconds.{p}"] for p in PHASES) for i in r["iters"])
                          for r in full]) if full else None
     lines = ["| variant | seeds | held-out reward: initial → final (mean ± sd) | win score | "
-             "prompts regenerated | generation s | iteration s | speed-up vs ρ=1 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "prompts regenerated | tokens generated | generation s | iteration s | "
+             "speed-up vs ρ=1 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, runs in groups.items():
         final = curves(runs, "eval.reward")[:, -1]
         init = curves(runs, "eval.reward")[:, 0].mean()
         win = np.mean([r["iters"][-1]["eval.win_score"] for r in runs])
         regen = np.mean([r["iters"][-1]["total.prompts_regenerated"] for r in runs])
         gen = np.mean([r["iters"][-1]["total.generation_seconds"] for r in runs])
+        tokens = np.mean([r["iters"][-1]["total.tokens_generated"] for r in runs])
         secs = np.mean([sum(sum(i[f"seconds.{p}"] for p in PHASES) for i in r["iters"])
                         for r in runs])
         speed = f"{full_secs / secs:.2f}×" if full_secs else "n/a"
         lines.append(f"| {names[key]} | {len(runs)} | {init:.4f} → {final.mean():.4f} ± "
-                     f"{final.std():.4f} | {win:.1f} | {regen:.0f} | {gen:.1f} | {secs:.1f} | "
-                     f"{speed} |")
+                     f"{final.std():.4f} | {win:.1f} | {regen:.0f} | {tokens:.0f} | {gen:.1f} | "
+                     f"{secs:.1f} | {speed} |")
     split = ["", "| phase | paper Table 1 | " + " | ".join(names[k] for k in groups) + " |",
              "| --- | --- | " + " | ".join("---" for _ in groups) + " |"]
     for phase in PHASES:

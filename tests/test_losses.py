@@ -345,7 +345,10 @@ def test_bradley_terry_properties(scores, shift):
     _, swapped = bradley_terry_loss(sr, sc)
     np.testing.assert_allclose(swapped["margin"], -metrics["margin"], atol=1e-5)
     g_sc, g_sr = jax.grad(lambda a, b: bradley_terry_loss(a, b)[0], argnums=(0, 1))(sc, sr)
-    assert np.all(g_sc < 0) and np.all(g_sr > 0)  # |margin| ≤ 100: σ(−margin) > 0 in float32
+    assert np.all(g_sc <= 0) and np.all(g_sr >= 0)
+    # strictly, where σ(−margin) is a normal float32 (XLA's CPU flushes subnormals to zero)
+    moderate = np.asarray(sc - sr) < 80
+    assert np.all(np.asarray(g_sc)[moderate] < 0) and np.all(np.asarray(g_sr)[moderate] > 0)
 
 
 def test_bradley_terry_zero_margin_extremes_and_empty():
