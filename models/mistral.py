@@ -161,7 +161,7 @@ class Attention(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, x_BTD, pos_BT, allowed_BTS, kv, slots):
+    def __call__(self, x_BTD, pos_BT, allowed_BTS, cache, layer, slots):
         c = self.config
         d, n, k, h = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -176,29 +176,37 @@ class Attention(nn.Module):
         )(x_BTD)
         inv_freq = rope_inv_freq(c)
         q, key = apply_rope(q, pos_BT, inv_freq), apply_rope(key, pos_BT, inv_freq)
-
-        new_kv = None
-        if kv is not None:  # write the newest min(T, C) tokens into their ring slots
-            cache_k, cache_v = kv
-            tail = min(key.shape[1], cache_k.shape[1])
-            new_kv = (
-                cache_k.at[:, slots].set(key[:, -tail:].astype(cache_k.dtype)),
-                cache_v.at[:, slots].set(val[:, -tail:].astype(cache_v.dtype)),
-            )
-            if self.mode == "decode":  # decode attends over the cache; prefill over its own chunk
-                key, val = new_kv
-
         b, t = q.shape[:2]
         q = q.reshape(b, t, k, c.num_groups, h)
-        logits = jnp.einsum(
-            "btkgh,bskh->bkgts", q, key.astype(self.dtype), preferred_element_type=jnp.float32
-        ) * (h**-0.5)
-        logits = jnp.where(allowed_BTS[:, None, None], logits, MASK_VALUE)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # softmax in float32
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, val.astype(self.dtype)).reshape(b, t, n, h)
+        scores = lambda keys: (
+            jnp.einsum(  # float32 attention logits [B, K, G, T, S]
+                "btkgh,bskh->bkgts", q, keys.astype(self.dtype), preferred_element_type=jnp.float32
+            )
+            * (h**-0.5)
+        )
+
+        if self.mode == "decode":
+            # earlier tokens come from this layer's slice of the cache, read in place; the new
+            # token joins as one extra key, and only its k/v leave the layer (written once,
+            # by `decode_step`, instead of copying the cache every step)
+            cache_k, cache_v = (jax.lax.dynamic_index_in_dim(x, layer, 0, False) for x in cache)
+            logits = jnp.where(allowed_BTS[:, None, None], scores(cache_k), MASK_VALUE)
+            logits = jnp.concatenate([logits, scores(key)], axis=-1)  # t == 1: self is allowed
+            probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+            out = jnp.einsum("bkgts,bskh->btkgh", probs[..., :-1], cache_v.astype(self.dtype))
+            out += jnp.einsum("bkgts,bskh->btkgh", probs[..., -1:], val.astype(self.dtype))
+            new_kv = (key, val)
+        else:  # full and prefill: attend within the chunk
+            logits = jnp.where(allowed_BTS[:, None, None], scores(key), MASK_VALUE)
+            probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # softmax in float32
+            out = jnp.einsum("bkgts,bskh->btkgh", probs, val.astype(self.dtype))
+            # prefill hands back the k/v of the newest tokens the cache keeps
+            new_kv = (
+                None if slots is None else (key[:, -slots.shape[0] :], val[:, -slots.shape[0] :])
+            )
         out = Einsum(
             "btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), name="o_proj", **dense
-        )(out)
+        )(out.reshape(b, t, n, h))
         return out, new_kv
 
 
@@ -226,14 +234,15 @@ class Block(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, x_BTD, pos_BT, allowed_BTS, kv, slots):
+    def __call__(self, x_BTD, pos_BT, allowed_BTS, cache, layer, slots):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h, new_kv = Attention(c, self.mode, name="attn", **kw)(
             RMSNorm(c.rms_norm_eps, self.dtype, name="attn_norm")(x_BTD),
             pos_BT,
             allowed_BTS,
-            kv,
+            cache,
+            layer,
             slots,
         )
         x_BTD = x_BTD + h
@@ -311,11 +320,12 @@ class Transformer(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, mode, self.dtype, self.param_dtype, name="layers")
-        x, new_kv = layers(x, pos_BT, allowed_BTS, kv, slots)
+        layer_ids = jnp.arange(c.num_hidden_layers)
+        x, new_kv = layers(x, pos_BT, allowed_BTS, kv, layer_ids, slots)  # new_kv: [L, B, *, K, H]
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="final_norm")(x)
         if return_hidden:
             return x, new_kv
@@ -432,12 +442,12 @@ def prefill(params, tokens_BT, mask_BT, *, config: ModelConfig, max_len: int, dt
     tail = min(t, cache.num_slots)
     slots = jnp.arange(t - tail, t) % cache.num_slots
     logits, (k, v) = _model(config, dtype).apply(
-        {"params": params}, tokens_BT, pos, allowed, cache, slots, mode="prefill"
+        {"params": params}, tokens_BT, pos, allowed, None, slots, mode="prefill"
     )
     slot_pos = jnp.where(mask, pos, -1)[:, t - tail :]
     cache = KVCache(
-        k_LBCKH=k,
-        v_LBCKH=v,
+        k_LBCKH=cache.k_LBCKH.at[:, :, slots].set(k.astype(cache.k_LBCKH.dtype)),
+        v_LBCKH=cache.v_LBCKH.at[:, :, slots].set(v.astype(cache.v_LBCKH.dtype)),
         pos_BC=cache.pos_BC.at[:, slots].set(slot_pos),
         index=jnp.asarray(t, jnp.int32),
         next_pos_B=jnp.sum(mask, axis=-1).astype(jnp.int32),
@@ -448,16 +458,18 @@ def prefill(params, tokens_BT, mask_BT, *, config: ModelConfig, max_len: int, dt
 def decode_step(params, tokens_B, cache: KVCache, *, config: ModelConfig, dtype="float32"):
     """Feeds one token per row at the cache's next position; returns (logits [B, V], cache)."""
     pos_B1 = cache.next_pos_B[:, None]
-    slots = (cache.index + jnp.arange(1)) % cache.num_slots
-    slot_pos = cache.pos_BC.at[:, slots].set(pos_B1)
-    allowed = _allowed(pos_B1, slot_pos, config.sliding_window)
+    slot = cache.index % cache.num_slots
+    # earlier tokens only: the slot about to be overwritten holds nothing the query may see
+    old_pos = jax.lax.dynamic_update_slice(cache.pos_BC, jnp.full_like(pos_B1, -1), (0, slot))
+    allowed = _allowed(pos_B1, old_pos, config.sliding_window)
     logits, (k, v) = _model(config, dtype).apply(
-        {"params": params}, tokens_B[:, None], pos_B1, allowed, cache, slots, mode="decode"
+        {"params": params}, tokens_B[:, None], pos_B1, allowed, cache, None, mode="decode"
     )
+    at = (0, 0, slot, 0, 0)  # one slot of every layer, written in place
     cache = KVCache(
-        k_LBCKH=k,
-        v_LBCKH=v,
-        pos_BC=slot_pos,
+        k_LBCKH=jax.lax.dynamic_update_slice(cache.k_LBCKH, k.astype(cache.k_LBCKH.dtype), at),
+        v_LBCKH=jax.lax.dynamic_update_slice(cache.v_LBCKH, v.astype(cache.v_LBCKH.dtype), at),
+        pos_BC=jax.lax.dynamic_update_slice(cache.pos_BC, pos_B1, (0, slot)),
         index=cache.index + 1,
         next_pos_B=cache.next_pos_B + 1,
     )
