@@ -1,7 +1,7 @@
 """What the benchmarks ran on: a machine block and the measured float32 matmul throughput.
 
 Shared by `forward.py` and `sampler.py`; run it alone to print the block:
-`python benchmarks/machine.py [--matmul-size 2048] [--repeats 5]`.
+`python benchmarks/machine.py [--matmul-size 2048] [--repeats 10]`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,19 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+def limit_cores(n: int | None) -> int:
+    """Pins this process to its first `n` usable cores (all when None); returns the count.
+
+    Call before JAX's first computation: XLA sizes its CPU thread pool from the affinity mask
+    when the backend starts. Torch gets the same number of threads from the caller.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    if n is not None and 0 < n < len(cores):
+        os.sched_setaffinity(0, cores[:n])
+    return usable_cores()
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
     """Best-of-`repeats` GFLOP/s of a jitted float32 [n, n] @ [n, n] in JAX (2 n^3 flops)."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
@@ -62,7 +74,9 @@ def describe(gflops: float | None = None, matmul_size: int = 2048) -> str:
     lines = [
         f"- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
         f"- platform: {platform.platform()}, python {platform.python_version()}",
-        f"- cpu: {_cpu_model()}, {usable_cores()} usable cores (os.cpu_count()={os.cpu_count()})",
+        f"- cpu: {_cpu_model()}, {usable_cores()} usable cores (os.cpu_count()={os.cpu_count()}), "
+        f"load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())} (1 / 5 / 15 min), "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",
         f"- jax {jax.__version__} (backend {jax.default_backend()}, devices {jax.devices()}), "
         f"flax {_version('flax')}, torch {_version('torch')}, "
         f"transformers {_version('transformers')}",
@@ -76,7 +90,7 @@ def describe(gflops: float | None = None, matmul_size: int = 2048) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--matmul-size", type=int, default=2048)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     print(describe(matmul_gflops(args.matmul_size, args.repeats), args.matmul_size))
 
