@@ -54,8 +54,10 @@ NON_NEGATIVE = "[0, inf)"
 
 @dataclasses.dataclass(frozen=True)
 class RandomModel:
-    """Architecture of a randomly initialised model (checkpoint "random"); vocab from tokenizer."""
+    """Architecture of a randomly initialised model (checkpoint "random")."""
 
+    vocab_size: int | None = _opt(None, range=POSITIVE)  # None: the tokenizer's
+    tie_word_embeddings: bool = True  # False: a separate output head (Mistral-7B)
     hidden_size: int = _opt(64, range=POSITIVE)
     intermediate_size: int = _opt(128, range=POSITIVE)
     num_hidden_layers: int = _opt(2, range=POSITIVE)
@@ -116,6 +118,7 @@ class OptuneSection:
 @dataclasses.dataclass(frozen=True)
 class RewardSection:
     name: str = "ifeval"  # checked against the reward registry by the loop
+    path: str | None = None  # read only by name "model": a reward-model checkpoint directory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +181,47 @@ class RunSection:
     keep_checkpoints: int = _opt(2, range=POSITIVE)
 
 
+MESH_AXES = ("data", "fsdp", "tensor")  # the axes of optune_jax.sharding's mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    """Device mesh (data, fsdp, tensor) over every device of every process; -1: the rest."""
+
+    data: int = _opt(1, range="[-1, inf)")  # data parallelism: replicas of the weights
+    fsdp: int = _opt(-1, range="[-1, inf)")  # batch split too, weights and optimizer sharded
+    tensor: int = _opt(1, range="[-1, inf)")  # heads, mlp and vocab split (Megatron)
+    # overrides of optune_jax.sharding.DEFAULT_RULES: [logical axis, mesh axis...] or
+    # [logical axis, null] (replicated), e.g. [[embed, null], [batch, data, fsdp]]
+    rules: tuple[tuple[str | None, ...], ...] = ()
+
+    def __post_init__(self):
+        sizes = (self.data, self.fsdp, self.tensor)
+        if 0 in sizes or sizes.count(-1) > 1:
+            raise ConfigError(f"mesh sizes (data, fsdp, tensor)={sizes}: each positive, one -1 "
+                              "at most")
+        for i, rule in enumerate(self.rules):
+            axes = rule[1:]
+            ok = len(rule) >= 2 and isinstance(rule[0], str) and (
+                axes == (None,) or all(a in MESH_AXES for a in axes)
+            )
+            if not ok:
+                raise ConfigError(f"mesh.rules[{i}]={list(rule)} must be [logical axis, mesh "
+                                  f"axis...] with mesh axes from {', '.join(MESH_AXES)}, or "
+                                  "[logical axis, null]")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSection:
+    """Processes of a multi-host run, joined by jax.distributed before any device is used."""
+
+    # null: one process; auto: detected (Cloud TPU, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS);
+    # "host:port": process 0's address, with num_processes and process_id (null: detected)
+    coordinator: str | None = None
+    num_processes: int | None = _opt(None, range=POSITIVE)
+    process_id: int | None = _opt(None, range=NON_NEGATIVE)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: ModelSection = _section(ModelSection)
@@ -191,6 +235,8 @@ class RunConfig:
     lora: LoraSection = _section(LoraSection)
     hypo: HypoSection = _section(HypoSection)
     run: RunSection = _section(RunSection)
+    mesh: MeshSection = _section(MeshSection)
+    distributed: DistributedSection = _section(DistributedSection)
 
 
 # ---------------------------------------------------------------------------------- YAML parsing
@@ -256,13 +302,13 @@ def _in_range(value: float, spec: str) -> bool:
     return above and below  # False for NaN
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, root: type) -> Any:
     """`value` checked against the annotation `tp` (ints widened to float, lists to tuples)."""
     inner = _optional_inner(tp)
     if inner is not None:
-        return None if value is None else _coerce(value, inner, key)
+        return None if value is None else _coerce(value, inner, key, root)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
+        return _build(tp, value, key, root)
 
     def wrong() -> ConfigError:
         if value is None:
@@ -275,7 +321,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise wrong()
         (item_tp, _) = typing.get_args(tp)
-        return tuple(_coerce(item, item_tp, f"{key}[{i}]") for i, item in enumerate(value))
+        return tuple(_coerce(item, item_tp, f"{key}[{i}]", root) for i, item in enumerate(value))
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise wrong()
@@ -308,19 +354,23 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown(key: str, siblings: Sequence[str]) -> ConfigError:
+def _unknown(key: str, siblings: Sequence[str], root: type) -> ConfigError:
     section, _, leaf = key.rpartition(".")
     close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
     if close:
         guess = f"{section}.{close[0]}" if section else close[0]
     else:  # the right name in the wrong section?
-        guess = next((k for k in _all_keys(RunConfig) if k.rpartition(".")[2] == leaf), None)
+        guess = next((k for k in _all_keys(root) if k.rpartition(".")[2] == leaf), None)
     hint = f"did you mean {guess!r}?" if guess else f"valid keys here: {', '.join(siblings)}"
     return ConfigError(f"unknown key {key!r}; {hint}")
 
 
-def _build(cls: type, raw: Any, prefix: str = "") -> Any:
-    """An instance of the dataclass `cls` from the mapping `raw`, validated field by field."""
+def _build(cls: type, raw: Any, prefix: str = "", root: type | None = None) -> Any:
+    """An instance of the dataclass `cls` from the mapping `raw`, validated field by field.
+
+    `root` is the whole schema (default `cls`), searched for a key given in the wrong section.
+    """
+    root = root or cls
     where = prefix.rstrip(".")
     if not isinstance(raw, Mapping):
         raise ConfigError(
@@ -331,11 +381,11 @@ def _build(cls: type, raw: Any, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     for name in raw:
         if name not in fields:
-            raise _unknown(f"{where}.{name}" if where else str(name), list(fields))
+            raise _unknown(f"{where}.{name}" if where else str(name), list(fields), root)
     kwargs = {}
     for name, value in raw.items():
         key = f"{where}.{name}" if where else name
-        kwargs[name] = _coerce(value, hints[name], key)
+        kwargs[name] = _coerce(value, hints[name], key, root)
         _check(kwargs[name], fields[name].metadata, key)
     return cls(**kwargs)
 
@@ -358,15 +408,17 @@ def _apply_override(raw: dict, override: str) -> None:
     node[leaf] = value
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
-    """The validated run configuration.
+def load_config(
+    path: str | Path | None, overrides: Sequence[str] = (), *, schema: type = RunConfig
+) -> Any:
+    """The validated run configuration (a `schema` instance: RunConfig, or another trainer's).
 
     Args:
       path: a YAML file of sections (`optune: {rho: 0.5}`, ...); None for all defaults.
       overrides: `section.key=value` strings applied after the file; value is YAML
         (`0.5`, `null`, `[a.jsonl, b.jsonl]`).
     Returns:
-      the frozen RunConfig. Raises ConfigError (one line) for any invalid input.
+      the frozen `schema` instance. Raises ConfigError (one line) for any invalid input.
     """
     raw: Any = {}
     if path is not None:
@@ -382,7 +434,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
             )
     for override in overrides:
         _apply_override(raw, override)
-    return _build(RunConfig, raw)
+    return _build(schema, raw)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

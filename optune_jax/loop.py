@@ -29,18 +29,17 @@ from models import (
     load_pretrained,
     load_tokenizer,
 )
-from models.lora import LoraSpec, init_lora, merge
+from models.lora import LoraSpec, init_lora, lora_logical_axes, merge
 from optune_jax import data as data_lib
+from optune_jax import distributed, selection, sharding
 from optune_jax import rewards as rewards_lib
-from optune_jax import selection
 from optune_jax.checkpoint import Checkpoints
-from optune_jax.config import RunConfig, config_to_dict
+from optune_jax.config import RandomModel, RunConfig, config_to_dict
 from optune_jax.metrics_log import MetricsLog
 from optune_jax.pairs import batches, layout, pair_arrays
 from optune_jax.train_step import (
     LossChoice,
     PolicySpec,
-    TrainState,
     make_optimizer,
     response_logps,
     train_step,
@@ -48,7 +47,9 @@ from optune_jax.train_step import (
 from sampling import SamplingOptions, sample_prompts
 
 # Settings a resumed run may change; any other difference makes the checkpoint incompatible.
-RESUMABLE_CHANGES = ("optune.iterations", "eval", "run.output_dir", "run.keep_checkpoints")
+RESUMABLE_CHANGES = (
+    "optune.iterations", "eval", "run.output_dir", "run.keep_checkpoints", "mesh", "distributed"
+)
 EVAL_SEED_OFFSET = 1_000_003  # held-out draws use their own stream, the same every iteration
 KL_METRICS = ("kl", "kl_surrogate")  # HyPO metrics averaged over sampled prompts
 
@@ -65,32 +66,54 @@ class Policy:
     pad_id: int
 
 
-def load_policy(cfg: RunConfig):
-    """(Policy, initial params) from the config: a pretrained checkpoint or a random init."""
+def random_architecture(r: RandomModel, tokenizer=None) -> ModelConfig:
+    """The architecture `model.random` describes; vocabulary and special ids from `tokenizer`
+    (None: `r.vocab_size` and ModelConfig's default ids, enough for shapes)."""
+    special = {}
+    if tokenizer is not None:
+        special = dict(
+            eos_token_id=(tokenizer.eos_token_id,),
+            bos_token_id=tokenizer.bos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return ModelConfig(
+        vocab_size=r.vocab_size or len(tokenizer),
+        hidden_size=r.hidden_size,
+        intermediate_size=r.intermediate_size,
+        num_hidden_layers=r.num_hidden_layers,
+        num_attention_heads=r.num_attention_heads,
+        num_key_value_heads=r.num_key_value_heads,
+        head_dim=r.head_dim,
+        sliding_window=r.sliding_window,
+        tie_word_embeddings=r.tie_word_embeddings,
+        model_type="mistral",
+        **special,
+    )
+
+
+def load_policy(cfg: RunConfig, mesh=None, rules=sharding.DEFAULT_RULES):
+    """(Policy, initial params) from the config: a pretrained checkpoint or a random init.
+
+    With a `mesh`, the parameters are created in (or copied straight into) their shards.
+    """
     model = cfg.model
     tok_source = model.tokenizer or (SMOLLM2 if model.checkpoint == "random" else model.checkpoint)
     tokenizer = load_tokenizer(tok_source)
     if model.checkpoint == "random":
-        r = model.random
-        config = ModelConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=r.hidden_size,
-            intermediate_size=r.intermediate_size,
-            num_hidden_layers=r.num_hidden_layers,
-            num_attention_heads=r.num_attention_heads,
-            num_key_value_heads=r.num_key_value_heads,
-            head_dim=r.head_dim,
-            sliding_window=r.sliding_window,
-            tie_word_embeddings=True,
-            eos_token_id=(tokenizer.eos_token_id,),
-            bos_token_id=tokenizer.bos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            model_type="mistral",
-        )
-        params = init_params(config, jax.random.key(cfg.run.seed), param_dtype=model.param_dtype)
+        config = random_architecture(model.random, tokenizer)
+        key = jax.random.key(cfg.run.seed)
+        if mesh is not None:
+            params = sharding.init_sharded_params(
+                config, key, mesh, rules, param_dtype=model.param_dtype
+            )
+        else:
+            params = init_params(config, key, param_dtype=model.param_dtype)
     else:
         config, params = load_pretrained(model.checkpoint, dtype=model.param_dtype)
-        params = jax.tree.map(jnp.asarray, params)
+        if mesh is not None:
+            params = distributed.put(params, sharding.param_shardings(config, mesh, rules))
+        else:
+            params = jax.tree.map(jnp.asarray, params)
     eos = tuple(dict.fromkeys([*config.eos_token_id, tokenizer.eos_token_id]))
     return Policy(config, tokenizer, eos, int(tokenizer.pad_token_id)), params
 
@@ -148,10 +171,22 @@ class OptuneRun:
                 f"loss.name={cfg.loss.name} does not fit run.mode={cfg.run.mode}; "
                 f"allowed: {', '.join(ok)}"
             )
-        rewards_lib.get_reward(cfg.reward.name)
-        self.policy, params = load_policy(cfg)
+        m = cfg.mesh
+        self.mesh = sharding.make_mesh((m.data, m.fsdp, m.tensor))
+        self.rules = sharding.make_rules(m.rules)
+        self.reward_fn = rewards_lib.make_reward(  # a reward model is laid out like the policy
+            cfg.reward,
+            prompt_column=cfg.data.prompt_column,
+            dtype=cfg.model.dtype,
+            mesh=self.mesh,
+            rules=self.rules,
+        )
+        self.policy, params = load_policy(cfg, self.mesh, self.rules)
+        self.param_shardings = jax.tree.map(lambda x: x.sharding, params)
         self._load_prompts()
-        self._prepare_output(resume, overwrite)
+        if distributed.is_primary():  # one process checks and writes the shared directory
+            self._prepare_output(resume, overwrite)
+        distributed.barrier("output dir ready")
         self.loss = LossChoice.from_values(cfg.loss.name, dataclasses.asdict(cfg.loss))
         self.spec = PolicySpec(
             self.policy.config, cfg.model.dtype, cfg.model.remat, cfg.loss.average_logps
@@ -172,10 +207,17 @@ class OptuneRun:
             self.lora = LoraSpec(lc.rank, lc.alpha, tuple(lc.targets), lc.num_adapters)
             self.frozen = params
             trainable = init_lora(params, self.lora, jax.random.key(cfg.run.seed + 1))
+            specs = lora_logical_axes(self.policy.config, self.lora)
+            trainable = distributed.put(
+                jax.device_get(trainable),
+                sharding.tree_shardings(trainable, specs, self.mesh, self.rules),
+            )
         self.initial_params = None
         if cfg.optune.reference == "initial":  # π_0 waits on the host unless it is the base
-            self.initial_params = self.frozen if self.lora else jax.device_get(params)
-        self.state = TrainState(jnp.zeros((), jnp.int32), trainable, self.optimizer.init(trainable))
+            self.initial_params = self.frozen if self.lora else distributed.get(params)
+        self.state, self.state_shardings = sharding.create_state(
+            trainable, self.optimizer, self.mesh
+        )
         self.pool = selection.PromptPool.empty(
             len(self.train_prompts), cfg.sampling.max_new_tokens, pad_id=self.policy.pad_id
         )
@@ -282,8 +324,9 @@ class OptuneRun:
                 )
 
     def _compile(self):
-        t = self.cfg.train
-        self._step = jax.jit(
+        t, mesh, rules = self.cfg.train, self.mesh, self.rules
+        self._batch_sharding = sharding.batch_sharding(mesh, rules, t.micro_batch_size, axis=1)
+        self._step = sharding.jit_train_step(
             functools.partial(
                 train_step,
                 optimizer=self.optimizer,
@@ -292,15 +335,26 @@ class OptuneRun:
                 prompt_len=self.cfg.data.max_prompt_tokens,
                 lora=self.lora,
             ),
-            donate_argnums=(0,),
+            mesh,
+            rules,
+            state_shardings=self.state_shardings,
+            batch_sharding=self._batch_sharding,
+            frozen_shardings=self.param_shardings if self.lora else None,
         )
         self._merge = jax.jit(functools.partial(merge, spec=self.lora)) if self.lora else None
+        # shardings follow the (sharded) parameters; logps come back to every host
         self._logps = jax.jit(
-            functools.partial(
-                response_logps, policy=self.spec, prompt_len=self.cfg.data.max_prompt_tokens
-            )
+            sharding.with_rules(
+                functools.partial(
+                    response_logps, policy=self.spec, prompt_len=self.cfg.data.max_prompt_tokens
+                ),
+                mesh,
+                rules,
+            ),
+            out_shardings=sharding.replicated(mesh),
         )
         self._ref_rows = 2 * t.micro_batch_size
+        self._rows_sharding = sharding.batch_sharding(mesh, rules, self._ref_rows)
 
     def policy_params(self):
         """The policy's full weights: with adapters, base + the mean of their updates."""
@@ -346,9 +400,10 @@ class OptuneRun:
             top_p=s.top_p,
             top_k=s.top_k,
         )
+        put = lambda x: distributed.put(x, sharding.batch_sharding(self.mesh, self.rules, len(x)))
         with tqdm(
             total=len(prompts), desc=desc, unit="prompt", disable=not self.progress, leave=False
-        ) as bar:
+        ) as bar, sharding.rules_context(self.mesh, self.rules):
             return sample_prompts(
                 params,
                 prompts,
@@ -361,6 +416,8 @@ class OptuneRun:
                 max_prompt_len=self.cfg.data.max_prompt_tokens,
                 dtype=self.cfg.model.dtype,
                 on_batch=bar.update,
+                device_put=put,
+                device_get=distributed.get,
             )
 
     def _texts(self, tokens_NL, lengths_N):
@@ -372,7 +429,8 @@ class OptuneRun:
         n, s = lengths_NS.shape
         texts = self._texts(tokens_NSL.reshape(n * s, -1), lengths_NS.reshape(-1))
         rows = [r for r in rows for _ in range(s)]
-        return rewards_lib.score(self.cfg.reward.name, rows, texts).reshape(n, s)
+        scores = rewards_lib.score(self.cfg.reward.name, rows, texts, fn=self.reward_fn)
+        return scores.reshape(n, s)
 
     def _evaluate(self, params):
         e, s = self.cfg.eval, self.cfg.sampling
@@ -391,6 +449,8 @@ class OptuneRun:
 
     def _reference_logps(self, params, tokens_NST, attn_NST, resp_NST):
         """Sequence logps [N, S] of every row, in fixed-size chunks (one compiled program)."""
+        if not isinstance(jax.tree.leaves(params)[0], jax.Array):  # π_0 from the host
+            params = distributed.put(params, self.param_shardings)
         n, s = tokens_NST.shape[:2]
         flat = [x.reshape(n * s, -1) for x in (tokens_NST, attn_NST, resp_NST)]
         rows = self._ref_rows
@@ -400,6 +460,7 @@ class OptuneRun:
             m = len(chunk[0])
             if m < rows:
                 chunk = [np.concatenate([x, np.repeat(x[:1], rows - m, 0)]) for x in chunk]
+            chunk = distributed.put(chunk, self._rows_sharding)
             out[start : start + m] = np.asarray(self._logps(params, *chunk))[:m]
         return out.reshape(n, s)
 
@@ -496,7 +557,7 @@ class OptuneRun:
         if ref_params is self.state.params and get_loss(cfg.loss.name).needs_samples:
             # the train step donates the state; HyPO's samples need π_t during training, so it
             # waits on the host (use LoRA to keep a 7B reference on the device for free)
-            ref_params = jax.device_get(ref_params)
+            ref_params = distributed.get(ref_params)
         train_metrics, online = self._train(arrays, t, ref_params)
         timers["training"] = clock() - start - online["seconds"]
         timers["generation"] += online["seconds"]
@@ -585,6 +646,7 @@ class OptuneRun:
                             online["tokens_generated"] += tokens
                         batch.update(samples)
                         batch["sample_mask_AM"] = batch["pair_mask_AM"] & draw
+                    batch = distributed.put(batch, self._batch_sharding)
                     self.state, metrics = self._step(self.state, batch, self.frozen)
                     if pending is not None:  # fetch step N's metrics after N+1 is dispatched
                         self._add(sums, jax.device_get(pending))
@@ -661,12 +723,13 @@ class OptuneRun:
         return self.log.read()
 
     def export(self) -> Path:
-        return export_hf_checkpoint(
-            jax.device_get(self.policy_params()),
-            self.policy.config,
-            self.out / "model",
-            tokenizer=self.policy.tokenizer,
-        )
+        params = distributed.get(self.policy_params())  # every process joins the gather
+        if distributed.is_primary():
+            export_hf_checkpoint(
+                params, self.policy.config, self.out / "model", tokenizer=self.policy.tokenizer
+            )
+        distributed.barrier("exported")
+        return self.out / "model"
 
     def close(self):
         self.log.close()

@@ -4,7 +4,9 @@
 as the IFEval `constraints`). Known rewards:
 - "ifeval": optune_jax.ifeval.ifeval_reward, verifiable instruction following, in [0, 1].
 - "tiny": `tiny_reward`, for smoke runs of a randomly initialised tiny model (see its docstring).
-`score(name, rows, responses)` runs one and checks its output with `check_rewards`.
+- "model": a learned reward model read from `reward.path` (optune_jax.reward_model.ModelReward).
+`make_reward(reward_section)` builds the one a run uses; `score(name, rows, responses)` runs one
+and checks its output with `check_rewards`.
 """
 
 from __future__ import annotations
@@ -39,13 +41,43 @@ def tiny_reward(rows: Sequence[dict], responses: Sequence[str]) -> np.ndarray:
 
 
 _REWARDS: dict[str, RewardFn] = {"ifeval": ifeval_reward, "tiny": tiny_reward}
+MODEL_REWARD = "model"  # not a fixed function: built from a checkpoint by `make_reward`
 
 
 def get_reward(name: str) -> RewardFn:
     """The reward function registered under `name` ("ifeval" or "tiny")."""
     if name not in _REWARDS:
-        raise ValueError(f"unknown reward {name!r}; known rewards: {sorted(_REWARDS)}")
+        raise ValueError(
+            f"unknown reward {name!r}; known rewards: {sorted(_REWARDS)} "
+            f"or {MODEL_REWARD!r} with reward.path"
+        )
     return _REWARDS[name]
+
+
+def make_reward(
+    section, *, prompt_column: str = "prompt", dtype: str = "float32", mesh=None, rules=None
+) -> RewardFn:
+    """The reward function of a run's `reward` config section (`name`, `path`).
+
+    Name "model" loads the reward-model checkpoint at `path`, scoring each row's
+    `prompt_column` with its response in `dtype` (laid out on `mesh` by `rules` when given);
+    any other name is a registered function.
+    Raises ValueError (one line) for an unknown name or a path given to the wrong name.
+    """
+    if section.name == MODEL_REWARD:
+        if not section.path:
+            raise ValueError(
+                "reward.name=model needs reward.path, a reward-model checkpoint directory "
+                "(python -m optune_jax.train_rm exports one to <run.output_dir>/model)"
+            )
+        from optune_jax.reward_model import ModelReward  # jax and the checkpoint only when asked
+
+        return ModelReward(
+            section.path, prompt_column=prompt_column, dtype=dtype, mesh=mesh, rules=rules
+        )
+    if section.path is not None:
+        raise ValueError(f"reward.path is read only with reward.name=model, not {section.name!r}")
+    return get_reward(section.name)
 
 
 def check_rewards(name: str, scores, n: int) -> np.ndarray:
@@ -76,10 +108,16 @@ def check_rewards(name: str, scores, n: int) -> np.ndarray:
     return scores_N
 
 
-def score(name: str, rows: Sequence[dict], responses: Sequence[str]) -> np.ndarray:
-    """Run reward `name` on (rows[i], responses[i]) pairs; checked float32 scores of shape (N,)."""
+def score(
+    name: str, rows: Sequence[dict], responses: Sequence[str], *, fn: RewardFn | None = None
+) -> np.ndarray:
+    """Run reward `name` on (rows[i], responses[i]) pairs; checked float32 scores of shape (N,).
+
+    `fn` is the function to run when it is not the one registered as `name` (`make_reward`).
+    """
     if len(rows) != len(responses):
         raise RewardError(
             f"reward {name!r}: {len(rows)} rows but {len(responses)} responses; expected one each"
         )
-    return check_rewards(name, get_reward(name)(rows, responses), len(responses))
+    fn = get_reward(name) if fn is None else fn
+    return check_rewards(name, fn(rows, responses), len(responses))

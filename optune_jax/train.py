@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from optune_jax.config import ConfigError, describe_options, load_config
+from optune_jax.config import ConfigError, RunConfig, describe_options, load_config
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def make_parser(prog: str, description: str, schema: type = RunConfig) -> argparse.ArgumentParser:
+    """The trainers' shared command line: --config, --set, --resume | --overwrite, switches."""
     p = argparse.ArgumentParser(
-        prog="python -m optune_jax.train",
-        description="Online preference tuning with OPTune (reward-based regeneration + wDPO).",
+        prog=prog,
+        description=description,
         epilog="config keys (YAML sections; override any with --set section.key=value):\n"
-        + describe_options(),
+        + describe_options(schema),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, help="YAML run config, e.g. configs/tiny.yaml")
@@ -36,7 +37,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--no-export", action="store_true", help="skip the transformers export")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return make_parser(
+        "python -m optune_jax.train",
+        "Online preference tuning with OPTune (reward-based regeneration + wDPO).",
+    ).parse_args(argv)
 
 
 def summary_table(records: list[dict]) -> str:
@@ -62,8 +70,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        from optune_jax.loop import OptuneRun  # heavy imports once the config is valid
+        from optune_jax import distributed  # heavy imports once the config is valid
+        from optune_jax.loop import OptuneRun
 
+        d = cfg.distributed
+        distributed.initialize(d.coordinator, d.num_processes, d.process_id)
         run = OptuneRun(
             cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
         )
@@ -72,11 +83,14 @@ def main(argv=None) -> int:
         return 2
     try:
         records = run.run()
-        table = summary_table(records)
-        (run.out / "summary.md").write_text(table + "\n")
-        print(table)
+        if distributed.is_primary():
+            table = summary_table(records)
+            (run.out / "summary.md").write_text(table + "\n")
+            print(table)
         if not args.no_export:
-            print(f"exported transformers model: {run.export()}")
+            out = run.export()  # every process joins; process 0 writes
+            if distributed.is_primary():
+                print(f"exported transformers model: {out}")
     finally:
         run.close()
     return 0

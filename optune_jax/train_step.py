@@ -153,31 +153,18 @@ def _trainable_loss(trainable, micro, frozen, *, lora: LoraSpec | None, **kw):
     return values.mean(), jax.tree.map(lambda x: x.mean(0), metrics)
 
 
-def train_step(
-    state: TrainState,
-    batch: dict,
-    frozen=None,
-    *,
-    optimizer: optax.GradientTransformation,
-    policy: PolicySpec,
-    loss: LossChoice,
-    prompt_len: int,
-    lora: LoraSpec | None = None,
-):
+def accumulated_step(state: TrainState, batch: dict, loss_fn, *, optimizer):
     """One optimizer step over A micro-batches (gradient accumulation inside the step).
 
-    Each micro-batch's mean loss is weighted by its share of the counted pairs, so the step
-    equals one step on the whole batch. With `lora`, `state.params` are the adapters and
-    `frozen` the base weights. Returns (new state, metrics averaged the same way).
+    `loss_fn(params, micro) -> (mean loss, metrics)` sees one micro-batch: `batch`'s arrays with
+    the leading A axis removed (names `*_AM*` become `*_M*`). Each micro-batch's mean loss is
+    weighted by its share of the counted pairs (`pair_mask_AM`), so the step equals one step on
+    the whole batch. Returns (new state, metrics averaged the same way, plus num_pairs and
+    grad_norm).
     """
     counts_A = jnp.sum(batch["pair_mask_AM"], axis=1).astype(jnp.float32)
     share_A = counts_A / jnp.maximum(jnp.sum(counts_A), 1.0)
-    grad_fn = jax.value_and_grad(
-        lambda p, micro: _trainable_loss(
-            p, micro, frozen, lora=lora, policy=policy, loss=loss, prompt_len=prompt_len
-        ),
-        has_aux=True,
-    )
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def accumulate(carry, xs):
         grads, metrics = carry
@@ -201,3 +188,25 @@ def train_step(
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
     return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def train_step(
+    state: TrainState,
+    batch: dict,
+    frozen=None,
+    *,
+    optimizer: optax.GradientTransformation,
+    policy: PolicySpec,
+    loss: LossChoice,
+    prompt_len: int,
+    lora: LoraSpec | None = None,
+):
+    """One optimizer step of the policy loss over A micro-batches (see `accumulated_step`).
+
+    With `lora`, `state.params` are the adapters and `frozen` the base weights. Returns
+    (new state, metrics).
+    """
+    loss_fn = lambda p, micro: _trainable_loss(
+        p, micro, frozen, lora=lora, policy=policy, loss=loss, prompt_len=prompt_len
+    )
+    return accumulated_step(state, batch, loss_fn, optimizer=optimizer)

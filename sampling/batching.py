@@ -63,12 +63,14 @@ def sample_prompts(
     dtype: str = "float32",
     on_batch: Callable[[int], None] | None = None,
     device_put: Callable = jax.device_put,
+    device_get: Callable = jax.device_get,
 ) -> Generation:
     """Samples `opts.num_samples` responses for every prompt (token id lists).
 
     Prompts are sorted by length and cut into batches padded to power-of-two buckets, so a
     long run compiles a handful of programs. `prompt_ids` seed each prompt's draws, so the
-    result for a prompt does not depend on which prompts are sampled with it.
+    result for a prompt does not depend on which prompts are sampled with it. `device_put`
+    places each batch's arrays and `device_get` fetches the samples (a mesh, several hosts).
     """
     if len(prompts) != len(prompt_ids):
         raise ValueError(f"{len(prompts)} prompts but {len(prompt_ids)} prompt ids")
@@ -100,7 +102,7 @@ def sample_prompts(
             mask[row, t - lens[i] :] = 1
             ids[row] = prompt_ids[i]
         mask[len(idx) :, -1] = 1  # filler rows: one real token keeps them well defined
-        res = jax.device_get(
+        res = device_get(
             generate(
                 params,
                 device_put(tokens),

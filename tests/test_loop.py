@@ -69,10 +69,10 @@ def test_a_run_killed_mid_iteration_resumes_to_the_same_parameters(tmp_path, mon
     killed = OptuneRun(cfg, progress=False)
     real_train = OptuneRun._train
 
-    def dies_in_iteration_1(self, arrays, t):
+    def dies_in_iteration_1(self, arrays, t, ref_params):
         if t == 1:
             raise KeyboardInterrupt  # killed after generating, mid-iteration
-        return real_train(self, arrays, t)
+        return real_train(self, arrays, t, ref_params)
 
     monkeypatch.setattr(OptuneRun, "_train", dies_in_iteration_1)
     with pytest.raises(KeyboardInterrupt):

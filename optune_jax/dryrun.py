@@ -1,0 +1,306 @@
+"""`python -m optune_jax.dryrun --config FILE [--devices N] [--device-memory-gb G]`: will it fit?
+
+Builds the config's mesh, lowers and compiles the training step and the sampler's `generate`
+on abstract inputs (`jax.ShapeDtypeStruct`s carrying their shardings: no weight is allocated)
+and prints per-device memory from the shardings and from the compiled programs' memory
+analysis. `--devices 8` simulates 8 CPU devices, so a plan for 8 accelerators can be checked
+anywhere; XLA:CPU's buffer assignment then stands in for the accelerator compiler's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Per-device bytes of one run's two programs (train step, sampler) and what they hold."""
+
+    summary: tuple[str, ...]  # model, mesh, batch and compile-time lines
+    params: int
+    adapters: int  # LoRA's trainable adapters (0 without LoRA)
+    opt_state: int
+    batch: int
+    prompts: int
+    train_temp: int  # activations, gradients, gathered weights: the compiled step's temporaries
+    train_out: int  # outputs not aliased to (donated) inputs
+    sample_temp: int  # the sampler's temporaries, the KV cache included
+    sample_out: int
+    kv_cache: int  # keys and values, split like the batch and the kv heads
+
+    @property
+    def train_peak(self) -> int:
+        state = self.params + self.adapters + self.opt_state
+        return state + self.batch + self.train_temp + self.train_out
+
+    @property
+    def sample_peak(self) -> int:  # the train state stays on the devices while sampling
+        state = self.params + self.adapters + self.opt_state
+        return state + self.prompts + self.sample_temp + self.sample_out
+
+    @property
+    def peak(self) -> int:
+        return max(self.train_peak, self.sample_peak)
+
+
+def architecture(model):
+    """The ModelConfig of the `model` section, read without loading any weight."""
+    from models import SMOLLM2, ModelConfig, find_smollm2_gguf, load_tokenizer
+    from models.gguf_io import read_gguf_config
+    from optune_jax.loop import random_architecture
+
+    if model.checkpoint == "random":
+        r = model.random
+        tokenizer = None if r.vocab_size else load_tokenizer(model.tokenizer or SMOLLM2)
+        return random_architecture(r, tokenizer)
+    if model.checkpoint == SMOLLM2:
+        return read_gguf_config(find_smollm2_gguf())
+    if model.checkpoint.endswith(".gguf"):
+        return read_gguf_config(model.checkpoint)
+    return ModelConfig.from_json(Path(model.checkpoint) / "config.json")
+
+
+def _abstract(tree, shardings):
+    import jax
+
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def _train_inputs(cfg, config, mesh, rules):
+    """Abstract (state, batch, frozen, params) as the loop feeds the step, and its pieces."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from losses import get_loss
+    from models import init_params
+    from models.lora import LoraSpec, init_lora, lora_logical_axes
+    from optune_jax import sharding
+    from optune_jax.train_step import TrainState, make_optimizer
+
+    t, m = cfg.train, cfg.model
+    shapes = jax.eval_shape(
+        lambda: init_params(config, jax.random.key(0), param_dtype=m.param_dtype)
+    )
+    params = _abstract(shapes, sharding.param_shardings(config, mesh, rules))
+    trainable, frozen, lora = params, None, None
+    if cfg.lora.rank > 0:
+        lc = cfg.lora
+        lora = LoraSpec(lc.rank, lc.alpha, tuple(lc.targets), lc.num_adapters)
+        adapters = jax.eval_shape(lambda: init_lora(shapes, lora, jax.random.key(0)))
+        specs = lora_logical_axes(config, lora)
+        trainable = _abstract(adapters, sharding.tree_shardings(adapters, specs, mesh, rules))
+        frozen = params
+    optimizer = make_optimizer(
+        name=t.optimizer,
+        learning_rate=t.learning_rate,
+        total_steps=100,
+        warmup_ratio=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+    )
+    shardings = sharding.state_shardings(
+        optimizer, trainable, jax.tree.map(lambda x: x.sharding, trainable), mesh
+    )
+    init = lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p))
+    state = _abstract(jax.eval_shape(init, trainable), shardings)
+    # A micro-batches of M pairs, each row prompt + response tokens (optune_jax.pairs)
+    a, mb = t.batch_size // t.micro_batch_size, t.micro_batch_size
+    seq = cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens
+    shapes = {
+        "tokens_AM2T": ((a, mb, 2, seq), np.int32),
+        "attn_AM2T": ((a, mb, 2, seq), np.int32),
+        "resp_AM2T": ((a, mb, 2, seq), np.int32),
+        "ref_logps_AM2": ((a, mb, 2), np.float32),
+        "rewards_AM2": ((a, mb, 2), np.float32),
+        "pair_mask_AM": ((a, mb), np.bool_),
+    }
+    if get_loss(cfg.loss.name).needs_samples:  # HyPO's online samples ride along
+        k = cfg.hypo.samples_per_prompt
+        for name in ("tokens", "attn", "resp"):
+            shapes[f"sample_{name}_AMKT"] = ((a, mb, k, seq), np.int32)
+        shapes["sample_ref_logps_AMK"] = ((a, mb, k), np.float32)
+        shapes["sample_mask_AM"] = ((a, mb), np.bool_)
+    split = sharding.batch_sharding(mesh, rules, mb, axis=1)
+    batch = {n: jax.ShapeDtypeStruct(s, d, sharding=split) for n, (s, d) in shapes.items()}
+    return state, shardings, batch, frozen, params, optimizer, lora
+
+
+def plan(cfg, devices) -> Plan:
+    """Compiles the train step and `generate` for `cfg` on a mesh over `devices`."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from models import cache_slots
+    from optune_jax import sharding
+    from optune_jax.train_step import LossChoice, PolicySpec, train_step
+    from sampling import SamplingOptions, generate
+
+    config = architecture(cfg.model)
+    m, t, s, p_len = cfg.mesh, cfg.train, cfg.sampling, cfg.data.max_prompt_tokens
+    mesh = sharding.make_mesh((m.data, m.fsdp, m.tensor), devices)
+    rules = sharding.make_rules(m.rules)
+    state, shardings, batch, frozen, params, optimizer, lora = _train_inputs(
+        cfg, config, mesh, rules
+    )
+    policy = PolicySpec(config, cfg.model.dtype, cfg.model.remat, cfg.loss.average_logps)
+    loss = LossChoice.from_values(cfg.loss.name, dataclasses.asdict(cfg.loss))
+    step = sharding.jit_train_step(
+        lambda st, b, f: train_step(
+            st, b, f, optimizer=optimizer, policy=policy, loss=loss, prompt_len=p_len, lora=lora
+        ),
+        mesh,
+        rules,
+        state_shardings=shardings,
+        batch_sharding=jax.tree.leaves(batch)[0].sharding,
+        frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen),
+    )
+    start = time.perf_counter()
+    train = step.lower(state, batch, frozen).compile().memory_analysis()
+    train_s = time.perf_counter() - start
+
+    # the sampler: one generate call of sampling.batch_size prompts, 2 samples each
+    b = s.batch_size
+    opts = SamplingOptions(max_new_tokens=s.max_new_tokens, eos_ids=(0,), pad_id=0, num_samples=2)
+    split = sharding.batch_sharding(mesh, rules, b)
+    prompt = jax.ShapeDtypeStruct((b, p_len), np.int32, sharding=split)
+    ids = jax.ShapeDtypeStruct((b,), np.int32, sharding=split)
+    start = time.perf_counter()
+    with sharding.rules_context(mesh, rules):
+        lowered = generate.lower(
+            params, prompt, prompt, ids, 0, 0, config=config, opts=opts, dtype=cfg.model.dtype
+        )
+    sample = lowered.compile().memory_analysis()
+    sample_s = time.perf_counter() - start
+
+    rows, slots = 2 * b, cache_slots(config, p_len + s.max_new_tokens)
+    shape = (config.num_hidden_layers, rows, slots, config.num_key_value_heads, config.head_dim)
+    names = (None, "batch", None, "kv_heads", None)
+    cache = jax.ShapeDtypeStruct(
+        shape,
+        jnp.dtype(cfg.model.dtype),
+        sharding=sharding.logical_sharding(shape, names, mesh, rules),
+    )
+    per_device = sharding.per_device_bytes
+    a, mb = t.batch_size // t.micro_batch_size, t.micro_batch_size
+    summary = (
+        f"model: {config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab "
+        f"{config.vocab_size}, {sum(x.size for x in jax.tree.leaves(params)) / 1e9:.2f}B "
+        f"parameters in {cfg.model.param_dtype}, compute in {cfg.model.dtype}, remat "
+        f"{cfg.model.remat}",
+        f"mesh (data, fsdp, tensor) = {tuple(mesh.shape.values())} over {mesh.devices.size} "
+        f"{mesh.devices.flat[0].platform} devices",
+        f"train step: {t.batch_size} pairs = {a} micro-batches x {mb}, "
+        f"{p_len + s.max_new_tokens} tokens a row, micro-batch split "
+        f"{jax.tree.leaves(batch)[0].sharding.spec}; compiled in {train_s:.0f}s",
+        f"sampler: {b} prompts x 2 samples, {p_len} + {s.max_new_tokens} tokens, prompts split "
+        f"{split.spec}; compiled in {sample_s:.0f}s",
+    )
+    trainable = per_device(state.params)
+    return Plan(
+        summary=summary,
+        params=per_device(params),
+        adapters=trainable if lora is not None else 0,
+        opt_state=per_device(state.opt_state),
+        batch=per_device(batch),
+        prompts=per_device((prompt, prompt, ids)),
+        train_temp=train.temp_size_in_bytes,
+        train_out=train.output_size_in_bytes - train.alias_size_in_bytes,
+        sample_temp=sample.temp_size_in_bytes,
+        sample_out=sample.output_size_in_bytes,
+        kv_cache=2 * per_device(cache),
+    )
+
+
+def report(p: Plan, cfg, device_memory_gb: float) -> list[str]:
+    """The plan as text: summary lines, a per-device table, the verdict."""
+    unit, size = ("GiB", GIB) if p.peak >= GIB else ("MiB", 2**20)
+    f = lambda x: f"{x / size:.2f}"
+    table = [
+        (f"parameters ({cfg.model.param_dtype})", f(p.params), f(p.params)),
+        *([("LoRA adapters", f(p.adapters), f(p.adapters))] if p.adapters else []),
+        (f"optimizer state ({cfg.train.optimizer})", f(p.opt_state), f(p.opt_state) + " resident"),
+        ("batch / prompts", f(p.batch), f(p.prompts)),
+        ("activations, gradients, temporaries", f(p.train_temp), f(p.sample_temp)),
+        (f"of which KV cache ({cfg.model.dtype})", "", f(p.kv_cache)),
+        ("outputs not aliased to inputs", f(p.train_out), f(p.sample_out)),
+        ("**peak**", f"**{f(p.train_peak)}**", f"**{f(p.sample_peak)}**"),
+    ]
+    limit = device_memory_gb * GIB
+    verdict = "fits" if p.peak < limit else "DOES NOT FIT"
+    return [
+        *p.summary,
+        "",
+        f"| per device, {unit} | train step | sampler |",
+        "|---|---:|---:|",
+        *(f"| {a} | {b} | {c} |" for a, b, c in table),
+        "",
+        f"{verdict}: peak {p.peak / GIB:.1f} GiB of {device_memory_gb:.0f} GiB per device "
+        f"({100 * p.peak / limit:.0f}%), {(limit - p.peak) / GIB:.1f} GiB to spare",
+    ]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m optune_jax.dryrun",
+        description="Compile a run's train step and sampler on abstract inputs; print memory.",
+    )
+    p.add_argument("--config", required=True, help="YAML run config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="simulate this many CPU devices (default: the machine's own devices)",
+    )
+    p.add_argument(
+        "--device-memory-gb",
+        type=float,
+        default=None,
+        help="memory of one device in GiB (default: the device's own limit, else 80)",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    """Prints the plan; exit status 0 if it fits, 1 if not, 2 for bad input."""
+    args = parse_args(argv)
+    if args.devices and "jax" not in sys.modules:  # XLA reads these when jax starts
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
+    from optune_jax.config import load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        import jax
+
+        devices = jax.devices()
+        if args.devices:
+            if len(devices) < args.devices:
+                raise ValueError(f"--devices {args.devices}: only {len(devices)} devices here")
+            devices = devices[: args.devices]
+        memory = args.device_memory_gb
+        if memory is None:
+            stats = devices[0].memory_stats() or {}
+            memory = stats["bytes_limit"] / GIB if "bytes_limit" in stats else 80.0
+        result = plan(cfg, devices)
+    except ValueError as e:  # ConfigError, ModelConfigError, mesh shapes
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(report(result, cfg, memory)))
+    return 0 if result.peak < memory * GIB else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The device mesh and the one table that maps the model's logical axes onto it.
+
+    mesh = make_mesh((1, -1, 1))                    # (data, fsdp, tensor); -1: the rest
+    rules = make_rules([("embed", None)])           # DEFAULT_RULES with overrides
+    params = init_sharded_params(config, key, mesh, rules)    # created sharded, never gathered
+    state, shardings = create_state(params, optimizer, mesh)  # optimizer state sharded alike
+    step = jit_train_step(fn, mesh, rules, state_shardings=shardings,
+                          batch_sharding=batch_sharding(mesh, rules, micro_batch_size, axis=1))
+
+Model code speaks only logical names (models/mistral.py); this file alone knows mesh axes.
+Activation constraints (`nn.with_logical_constraint`) take effect inside `rules_context`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from models import ModelConfig, init_params, logical_axes
+from optune_jax.config import MESH_AXES  # ("data", "fsdp", "tensor")
+from optune_jax.train_step import TrainState
+
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+# Priority order (flax's rule semantics): an activation [batch, length, embed] takes `fsdp` for
+# its batch first, so its embed stays whole; a kernel [embed, mlp] has no batch, so its embed
+# takes `fsdp` (ZeRO-3: gathered per layer when used) and mlp takes `tensor` (Megatron split).
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("adapters", None),  # LoRA (models/lora.py)
+    ("lora_rank", None),
+)
+
+
+def make_rules(overrides: Sequence[Sequence[str | None]] = ()) -> Rules:
+    """DEFAULT_RULES with entries replaced: each override is (logical name, *mesh axes).
+
+    `("embed", None)` replicates `embed`; `("batch", "data")` shards batch over `data` only.
+    """
+    known = {name for name, _ in DEFAULT_RULES}
+    table = dict(DEFAULT_RULES)
+    for name, *axes in overrides:
+        if name not in known:
+            raise ValueError(f"mesh.rules: unknown logical axis {name!r}; known: {sorted(known)}")
+        bad = [a for a in axes if a is not None and a not in MESH_AXES]
+        if bad or (None in axes and len(axes) > 1) or not axes:
+            raise ValueError(
+                f"mesh.rules: {name!r} needs mesh axes from {MESH_AXES} or one null, got {axes}"
+            )
+        table[name] = None if axes == [None] else (axes[0] if len(axes) == 1 else tuple(axes))
+    return tuple(table.items())
+
+
+def resolve_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """(data, fsdp, tensor) with one -1 filled in so that the product is `num_devices`."""
+    shape = tuple(int(s) for s in shape)
+    fixed = math.prod(s for s in shape if s != -1)
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh shape {shape}: sizes must be positive, with at most one -1")
+    if shape.count(-1):
+        if num_devices % fixed:
+            raise ValueError(f"mesh shape {shape} does not divide {num_devices} devices")
+        shape = tuple(num_devices // fixed if s == -1 else s for s in shape)
+    if math.prod(shape) != num_devices:
+        raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices, have {num_devices}")
+    return shape
+
+
+def make_mesh(shape: Sequence[int] = (1, -1, 1), devices=None) -> Mesh:
+    """A mesh over `devices` (default: every device of every process) with axes MESH_AXES.
+
+    In a single process, sizes without -1 that need fewer devices take the first ones.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    if -1 not in shape and jax.process_count() == 1:
+        devices = devices[: math.prod(shape)]
+    sizes = resolve_shape(shape, len(devices))
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+@contextlib.contextmanager
+def rules_context(mesh: Mesh, rules: Rules):
+    """Activation constraints on: logical names resolve through `rules` onto `mesh`'s axes.
+
+    Works around a jitted call or inside a traced function (see `with_rules`).
+    """
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def with_rules(fn, mesh: Mesh, rules: Rules):
+    """`fn` traced under `rules_context`, so jitting it needs no context at the call site."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with rules_context(mesh, rules):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def _divisible(axes, dim: int, mesh: Mesh):
+    """The longest prefix of `axes` whose devices divide `dim` (None: the dim stays whole)."""
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    while axes and dim % math.prod(mesh.shape[a] for a in axes):
+        axes = axes[:-1]
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def logical_sharding(shape, names, mesh: Mesh, rules: Rules) -> NamedSharding:
+    """The sharding of an array of `shape` whose dims carry logical `names` (None: unnamed).
+
+    A dim the mapped mesh axes do not divide drops axes from the end until they do (a batch of
+    1 prompt, 2 kv heads on 4 tensor devices): correct, only less parallel.
+    """
+    spec = nn.logical_to_mesh_axes(tuple(names), rules)
+    return NamedSharding(
+        mesh, PartitionSpec(*(_divisible(a, d, mesh) for a, d in zip(spec, shape, strict=False)))
+    )
+
+
+def tree_shardings(abstract, specs, mesh: Mesh, rules: Rules):
+    """`logical_sharding` for each leaf of `abstract` with the logical `specs` tree."""
+    return jax.tree.map(lambda x, s: logical_sharding(x.shape, s, mesh, rules), abstract, specs)
+
+
+def param_shardings(config: ModelConfig, mesh: Mesh, rules: Rules):
+    """NamedSharding of every parameter of `config`'s model (no weights are allocated)."""
+    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    return tree_shardings(abstract, logical_axes(config), mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, rows: int, *, axis: int = 0) -> NamedSharding:
+    """Arrays whose dim `axis` holds `rows` examples, split over the data axes that divide it.
+
+    A NamedSharding also serves as a pytree prefix: one sharding for a whole dict of batch
+    arrays (`*_AM...` with axis=1; rows `*_RT` with axis=0), trailing dims replicated.
+    """
+    return logical_sharding((1,) * axis + (rows,), (None,) * axis + ("batch",), mesh, rules)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def init_sharded_params(
+    config: ModelConfig, rng, mesh: Mesh, rules: Rules, *, param_dtype="float32"
+):
+    """Random parameters created directly in their shards (`jit(init, out_shardings)`)."""
+    init = functools.partial(init_params, config, param_dtype=param_dtype)
+    return jax.jit(init, out_shardings=param_shardings(config, mesh, rules))(rng)
+
+
+def state_shardings(
+    optimizer: optax.GradientTransformation, params_abstract, params_sharding, mesh
+):
+    """TrainState shardings: moments shaped like the params shard like them, counters replicate."""
+    opt_abstract = jax.eval_shape(optimizer.init, params_abstract)
+    opt = optax.tree_map_params(
+        optimizer,
+        lambda _, sharding: sharding,
+        opt_abstract,
+        params_sharding,
+        transform_non_params=lambda _: replicated(mesh),
+    )
+    return TrainState(step=replicated(mesh), params=params_sharding, opt_state=opt)
+
+
+def create_state(params, optimizer: optax.GradientTransformation, mesh: Mesh):
+    """(TrainState, its shardings) around already-placed `params`; the optimizer state is
+    created in its shards by `jit(init, out_shardings)`, never replicated first."""
+    shardings = state_shardings(optimizer, params, jax.tree.map(lambda x: x.sharding, params), mesh)
+    step, opt_state = jax.jit(
+        lambda p: (jnp.zeros((), jnp.int32), optimizer.init(p)),
+        out_shardings=(shardings.step, shardings.opt_state),
+    )(params)
+    return TrainState(step, params, opt_state), shardings
+
+
+def jit_train_step(
+    step_fn, mesh: Mesh, rules: Rules, *, state_shardings, batch_sharding, frozen_shardings=None
+):
+    """`step_fn(state, batch, frozen) -> (state, metrics)` jitted once with explicit shardings:
+    the state keeps its shardings and is donated, the batch is split over the data axes,
+    metrics come back replicated (readable on every host)."""
+    return jax.jit(
+        with_rules(step_fn, mesh, rules),
+        in_shardings=(state_shardings, batch_sharding, frozen_shardings),
+        out_shardings=(state_shardings, replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs with shardings)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shard) * jnp.dtype(x.dtype).itemsize
+    return total
