@@ -32,10 +32,11 @@ import numpy as np
 import torch
 from forward import alternate, load_torch_model
 
-from models import ModelConfig, decode_step, prefill
+from models import ModelConfig, decode_step, prefill, unstack_layers
 from models.gguf_io import find_smollm2_gguf, load_gguf, load_gguf_tokenizer
 from sampling import SamplingOptions, sample_prompts, sampling_logprobs
-from sampling.batching import bucket, length_buckets
+from sampling.batching import bucket, prompt_buckets
+from sampling.truncation import draw
 
 INSTRUCTIONS = [
     "Write a haiku about autumn leaves.",
@@ -172,12 +173,6 @@ def _best_ms(fn, *args, repeats: int = 5) -> float:
     return 1e3 * best
 
 
-def _inverse_cdf_draw(keys_R, logp_RV):
-    """A cheaper draw than Gumbel-max: one uniform per row against the running CDF."""
-    u_R = jax.vmap(jax.random.uniform)(keys_R)
-    return jnp.sum(jnp.cumsum(jnp.exp(logp_RV), axis=-1) < u_R[:, None], axis=-1)
-
-
 def _breakdown(params, config: ModelConfig, prompts, tokens_BT, mask_BT, *,
                opts: SamplingOptions, max_prompt_len: int, gflops: float,
                total_ms: float) -> list:
@@ -191,11 +186,12 @@ def _breakdown(params, config: ModelConfig, prompts, tokens_BT, mask_BT, *,
     first_ms = _best_ms(one_token, repeats=3)
     fill = jax.jit(functools.partial(prefill, config=config, max_len=t + new))
     _, cache = fill(params, np.repeat(tokens_BT, n, 0), np.repeat(mask_BT, n, 0))
-    logits_RV = 3 * jax.random.normal(jax.random.key(0), (rows, v))
-    logp_RV = jax.nn.log_softmax(logits_RV)
+    logits_RV = 3 * jax.random.normal(jax.random.key(0), (rows, v))  # nucleus > 256 tokens
+    peaked_RV = 10 * jax.random.normal(jax.random.key(3), (rows, v))  # nucleus < 256 tokens
+    u_R = jax.random.uniform(jax.random.key(4), (rows,))
     hidden_RD = jax.random.normal(jax.random.key(1), (rows, d))
-    keys_R = jax.random.split(jax.random.key(2), rows)
     top_p_fn = functools.partial(sampling_logprobs, temperature=1.0, top_k=0, top_p=opts.top_p)
+    draw_fn = jax.jit(functools.partial(draw, temperature=1.0, top_k=0, top_p=opts.top_p))
     plain_fn = functools.partial(sampling_logprobs, temperature=1.0, top_k=0, top_p=1.0)
 
     lens = [int(m.sum()) for m in mask_BT]
@@ -207,19 +203,20 @@ def _breakdown(params, config: ModelConfig, prompts, tokens_BT, mask_BT, *,
         (f"one loop step in the call = (best call - the above) / {new - 1}",
          (total_ms - first_ms) / (new - 1), at_peak(step_flops)),
         ("decode_step alone (30 layers + LM head + cache write)",
-         _best_ms(jax.jit(functools.partial(decode_step, config=config)), params,
-                  jnp.zeros((rows,), jnp.int32), cache), at_peak(step_flops)),
+         _best_ms(jax.jit(functools.partial(decode_step, config=config)),
+                  jax.jit(unstack_layers)(params), jnp.zeros((rows,), jnp.int32), cache),
+         at_peak(step_flops)),
         (f"LM head alone [{rows},{d}] x [{d},{v}]",
          _best_ms(jax.jit(lambda x, w: jnp.einsum("rd,vd->rv", x, w)), hidden_RD,
                   params["embed"]["embedding"]), at_peak(2 * rows * d * v)),
-        (f"sampling_logprobs, top-p {opts.top_p} [{rows},{v}]",
+        (f"draw, top-p {opts.top_p}: every row inside its 256 candidates [{rows},{v}]",
+         _best_ms(draw_fn, u_R, peaked_RV), None),
+        (f"draw, top-p {opts.top_p}: every row falls back to the full vocabulary",
+         _best_ms(draw_fn, u_R, logits_RV), None),
+        (f"sampling_logprobs, top-p {opts.top_p} [{rows},{v}] (the fallback's bisection)",
          _best_ms(jax.jit(top_p_fn), logits_RV), None),
         (f"sampling_logprobs, top-p 1 (log_softmax only) [{rows},{v}]",
          _best_ms(jax.jit(plain_fn), logits_RV), None),
-        (f"jax.random.categorical (Gumbel-max, {rows}x{v} draws)",
-         _best_ms(jax.jit(jax.vmap(jax.random.categorical)), keys_R, logp_RV), None),
-        ("for comparison: inverse-CDF draw (1 uniform per row + cumsum)",
-         _best_ms(jax.jit(_inverse_cdf_draw), keys_R, logp_RV), None),
         (f"for comparison: jnp.sort [{rows},{v}] (a sort-based top-p)",
          _best_ms(jax.jit(lambda x: jnp.sort(x, axis=-1)), logits_RV, repeats=2), None),
         (f"for comparison: lax.top_k(256) [{rows},{v}] (a top-k prefilter for top-p)",
@@ -258,7 +255,7 @@ def main() -> None:
     results = []
     for b in args.batch_sizes:
         prompts = [all_prompts[i % len(all_prompts)] for i in range(b)]
-        t = bucket(max(len(p) for p in prompts), length_buckets(args.max_prompt_len))
+        t = bucket(max(len(p) for p in prompts), prompt_buckets(args.max_prompt_len))
         tokens_BT, mask_BT = _left_padded(prompts, t, opts.pad_id)  # what ours builds, too
         run_ours = functools.partial(_run_ours, params, prompts, config=config, opts=opts,
                                      max_prompt_len=args.max_prompt_len)

@@ -14,6 +14,7 @@ from models.mistral import (
     logical_axes,
     positions_from_mask,
     prefill,
+    unstack_layers,
 )
 from models.pretrained import SMOLLM2, load_pretrained, load_tokenizer
 
@@ -39,4 +40,5 @@ __all__ = [
     "logical_axes",
     "positions_from_mask",
     "prefill",
+    "unstack_layers",
 ]

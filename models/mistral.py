@@ -27,7 +27,7 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
-MODES = ("full", "prefill", "decode")
+MODES = ("full", "prefill")  # the Transformer's modes; decoding runs layer by layer (`decode_step`)
 
 
 def _dtype(name: str | Dtype) -> Dtype:
@@ -71,20 +71,23 @@ def apply_rope(x_BTnH: jax.Array, pos_BT: jax.Array, inv_freq: np.ndarray) -> ja
 class KVCache:
     """Preallocated key/value cache, an explicit pytree passed in and returned.
 
+    One key array [B, K, H, C] and one value array [B, K, C, H] per layer: a decode step reads
+    and writes each layer's own buffers in place (slicing a stacked [L, ...] cache copies it on
+    a CPU), and both attention products are plain batched matmuls without a transpose.
     Slots form a ring buffer addressed by sequence index (slot = index mod C), so a
     sliding-window model needs only C = window slots. `pos_BC` holds each slot's token
     position (-1 for empty slots and padding); attention masks are built from it.
     """
 
-    k_LBCKH: jax.Array
-    v_LBCKH: jax.Array
+    k_BKHC: tuple[jax.Array, ...]  # one per layer
+    v_BKCH: tuple[jax.Array, ...]
     pos_BC: jax.Array
     index: jax.Array  # int32 scalar: sequence index of the next token written
     next_pos_B: jax.Array  # int32: position the next token of each row takes
 
     @property
     def num_slots(self) -> int:
-        return self.k_LBCKH.shape[2]
+        return self.v_BKCH[0].shape[2]
 
     @property
     def nbytes(self) -> int:
@@ -101,10 +104,11 @@ def cache_slots(config: ModelConfig, max_len: int) -> int:
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Dtype = "float32") -> KVCache:
     """An empty cache for `batch` rows of up to `max_len` tokens (prompt plus new tokens)."""
     c = cache_slots(config, max_len)
-    shape = (config.num_hidden_layers, batch, c, config.num_key_value_heads, config.head_dim)
+    k, h = config.num_key_value_heads, config.head_dim
+    layers = range(config.num_hidden_layers)
     return KVCache(
-        k_LBCKH=jnp.zeros(shape, _dtype(dtype)),
-        v_LBCKH=jnp.zeros(shape, _dtype(dtype)),
+        k_BKHC=tuple(jnp.zeros((batch, k, h, c), _dtype(dtype)) for _ in layers),
+        v_BKCH=tuple(jnp.zeros((batch, k, c, h), _dtype(dtype)) for _ in layers),
         pos_BC=jnp.full((batch, c), -1, jnp.int32),
         index=jnp.zeros((), jnp.int32),
         next_pos_B=jnp.zeros((batch,), jnp.int32),
@@ -151,7 +155,17 @@ class Einsum(nn.Module):
     @nn.compact
     def __call__(self, x):
         w = self.param("kernel", _init(self.axes), self.shape, self.param_dtype)
-        return jnp.einsum(self.eq, x.astype(self.dtype), w.astype(self.dtype))
+        x, w = x.astype(self.dtype), w.astype(self.dtype)
+        ins, out = self.eq.split("->")
+        x_dims, w_dims = ins.split(",")
+        m = len(w_dims) - len(set(w_dims) & set(out))  # contracted axes: x's last, w's first
+        if x_dims[-m:] == w_dims[:m] and out == x_dims[:-m] + w_dims[m:]:
+            # one matmul over the merged axes: einsum may contract them in another order,
+            # which makes XLA transpose (copy) the kernel at every call
+            k = math.prod(w.shape[:m])
+            y = x.reshape(*x.shape[:-m], k) @ w.reshape(k, -1)
+            return y.reshape(*x.shape[:-m], *w.shape[m:])
+        return jnp.einsum(self.eq, x, w)
 
 
 class Attention(nn.Module):
@@ -161,7 +175,7 @@ class Attention(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, x_BTD, pos_BT, allowed_BTS, cache, layer, slots):
+    def __call__(self, x_BTD, pos_BT, allowed_BTS, cache, slots):
         c = self.config
         d, n, k, h = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -178,32 +192,34 @@ class Attention(nn.Module):
         q, key = apply_rope(q, pos_BT, inv_freq), apply_rope(key, pos_BT, inv_freq)
         b, t = q.shape[:2]
         q = q.reshape(b, t, k, c.num_groups, h)
-        scores = lambda keys: (
-            jnp.einsum(  # float32 attention logits [B, K, G, T, S]
-                "btkgh,bskh->bkgts", q, keys.astype(self.dtype), preferred_element_type=jnp.float32
-            )
-            * (h**-0.5)
-        )
-
         if self.mode == "decode":
-            # earlier tokens come from this layer's slice of the cache, read in place; the new
-            # token joins as one extra key, and only its k/v leave the layer (written once,
-            # by `decode_step`, instead of copying the cache every step)
-            cache_k, cache_v = (jax.lax.dynamic_index_in_dim(x, layer, 0, False) for x in cache)
-            logits = jnp.where(allowed_BTS[:, None, None], scores(cache_k), MASK_VALUE)
-            logits = jnp.concatenate([logits, scores(key)], axis=-1)  # t == 1: self is allowed
-            probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-            out = jnp.einsum("bkgts,bskh->btkgh", probs[..., :-1], cache_v.astype(self.dtype))
-            out += jnp.einsum("bkgts,bskh->btkgh", probs[..., -1:], val.astype(self.dtype))
-            new_kv = (key, val)
-        else:  # full and prefill: attend within the chunk
-            logits = jnp.where(allowed_BTS[:, None, None], scores(key), MASK_VALUE)
-            probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # softmax in float32
-            out = jnp.einsum("bkgts,bskh->btkgh", probs, val.astype(self.dtype))
-            # prefill hands back the k/v of the newest tokens the cache keeps
-            new_kv = (
-                None if slots is None else (key[:, -slots.shape[0] :], val[:, -slots.shape[0] :])
+            # this layer's cache (keys [B, K, H, C], values [B, K, C, H]: both attention
+            # products are then plain batched matmuls): write the new token at slot `slots`
+            # in place, then attend over every slot the mask allows (the new one included)
+            k_buf, v_buf = cache
+            key = jax.lax.dynamic_update_slice(
+                k_buf, key.transpose(0, 2, 3, 1).astype(k_buf.dtype), (0, 0, 0, slots)
             )
+            val = jax.lax.dynamic_update_slice(
+                v_buf, val.transpose(0, 2, 1, 3).astype(v_buf.dtype), (0, 0, slots, 0)
+            )
+            new_kv, k_layout, v_layout = (key, val), "bkhs", "bksh"
+        else:  # full and prefill: attend within the chunk
+            # prefill hands back the k/v of the newest tokens the cache keeps
+            keep = None if slots is None else slots.shape[0]
+            new_kv = None if keep is None else (key[:, -keep:], val[:, -keep:])
+            k_layout = v_layout = "bskh"
+        # float32 attention logits [B, K, G, T, S]; t (1 in decode) folded into the groups
+        q = q.transpose(0, 2, 3, 1, 4).reshape(b, k, -1, h)
+        logits = jnp.einsum(
+            f"bkqh,{k_layout}->bkqs", q, key.astype(self.dtype), preferred_element_type=jnp.float32
+        )
+        logits = logits.reshape(b, k, -1, t, logits.shape[-1]) * (h**-0.5)
+        logits = jnp.where(allowed_BTS[:, None, None], logits, MASK_VALUE)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # softmax in float32
+        probs = probs.reshape(b, k, -1, probs.shape[-1])
+        out = jnp.einsum(f"bkqs,{v_layout}->bkqh", probs, val.astype(self.dtype))
+        out = out.reshape(b, k, -1, t, h).transpose(0, 3, 1, 2, 4)
         out = Einsum(
             "btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), name="o_proj", **dense
         )(out.reshape(b, t, n, h))
@@ -226,7 +242,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm decoder layer: the scan body (carry = hidden states, xs = layer's cache)."""
+    """One pre-norm decoder layer: the scan body in `Transformer`, one call per layer in decode."""
 
     config: ModelConfig
     mode: str
@@ -234,7 +250,7 @@ class Block(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, x_BTD, pos_BT, allowed_BTS, cache, layer, slots):
+    def __call__(self, x_BTD, pos_BT, allowed_BTS, cache, slots):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h, new_kv = Attention(c, self.mode, name="attn", **kw)(
@@ -242,7 +258,6 @@ class Block(nn.Module):
             pos_BT,
             allowed_BTS,
             cache,
-            layer,
             slots,
         )
         x_BTD = x_BTD + h
@@ -280,7 +295,7 @@ class Embedder(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Mistral/Llama decoder. `mode`: "full" (training, scoring), "prefill" or "decode" (cache).
+    """Mistral/Llama decoder. `mode`: "full" (training, scoring) or "prefill" (fills a cache).
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype of parameters created by
     `init`; logits are always float32. `remat` names a rematerialisation policy per layer.
@@ -297,7 +312,6 @@ class Transformer(nn.Module):
         tokens_BT,
         pos_BT,
         allowed_BTS,
-        cache: KVCache | None = None,
         slots=None,
         *,
         mode: str = "full",
@@ -315,17 +329,15 @@ class Transformer(nn.Module):
             raise ValueError(f"remat={self.remat!r}; allowed: {', '.join(REMAT_POLICIES)}")
         if self.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        kv = None if cache is None else (cache.k_LBCKH, cache.v_LBCKH)
         layers = nn.scan(
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, mode, self.dtype, self.param_dtype, name="layers")
-        layer_ids = jnp.arange(c.num_hidden_layers)
-        x, new_kv = layers(x, pos_BT, allowed_BTS, kv, layer_ids, slots)  # new_kv: [L, B, *, K, H]
+        x, new_kv = layers(x, pos_BT, allowed_BTS, None, slots)  # new_kv: [L, B, *, K, H]
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="final_norm")(x)
         if return_hidden:
             return x, new_kv
@@ -333,12 +345,10 @@ class Transformer(nn.Module):
             x = x[:, -1:]  # left-padded prompts: the last column is every row's newest token
         x = x[:, logits_from:]  # the vocabulary head only where logits are wanted
         if c.tie_word_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = _LMHead(
-                c.hidden_size, c.vocab_size, self.dtype, self.param_dtype, name="lm_head"
-            )(x)
-        return logits, new_kv
+            return embed.attend(x), new_kv
+        return _LMHead(c.hidden_size, c.vocab_size, self.dtype, self.param_dtype, name="lm_head")(
+            x
+        ), new_kv
 
 
 class _LMHead(nn.Module):
@@ -441,13 +451,21 @@ def prefill(params, tokens_BT, mask_BT, *, config: ModelConfig, max_len: int, dt
     )
     tail = min(t, cache.num_slots)
     slots = jnp.arange(t - tail, t) % cache.num_slots
-    logits, (k, v) = _model(config, dtype).apply(
-        {"params": params}, tokens_BT, pos, allowed, None, slots, mode="prefill"
+    logits, (k_LBTKH, v_LBTKH) = _model(config, dtype).apply(
+        {"params": params}, tokens_BT, pos, allowed, slots, mode="prefill"
+    )
+    k_BKHC = tuple(  # [B, T, K, H] -> the slots of [B, K, H, C] and [B, K, C, H]
+        buf.at[..., slots].set(k_LBTKH[i].transpose(0, 2, 3, 1).astype(buf.dtype))
+        for i, buf in enumerate(cache.k_BKHC)
+    )
+    v_BKCH = tuple(
+        buf.at[:, :, slots].set(v_LBTKH[i].transpose(0, 2, 1, 3).astype(buf.dtype))
+        for i, buf in enumerate(cache.v_BKCH)
     )
     slot_pos = jnp.where(mask, pos, -1)[:, t - tail :]
     cache = KVCache(
-        k_LBCKH=cache.k_LBCKH.at[:, :, slots].set(k.astype(cache.k_LBCKH.dtype)),
-        v_LBCKH=cache.v_LBCKH.at[:, :, slots].set(v.astype(cache.v_LBCKH.dtype)),
+        k_BKHC=k_BKHC,
+        v_BKCH=v_BKCH,
         pos_BC=cache.pos_BC.at[:, slots].set(slot_pos),
         index=jnp.asarray(t, jnp.int32),
         next_pos_B=jnp.sum(mask, axis=-1).astype(jnp.int32),
@@ -455,21 +473,50 @@ def prefill(params, tokens_BT, mask_BT, *, config: ModelConfig, max_len: int, dt
     return logits[:, 0], cache
 
 
+def unstack_layers(params):
+    """The parameters with `layers` as one tree per layer instead of stacked on a leading L axis.
+
+    `decode_step` runs layer by layer; handing it unstacked weights once, before a decode
+    loop, saves it from slicing (on a CPU: copying) every layer's weights at every step.
+    """
+    layers = params["layers"]
+    if isinstance(layers, tuple):
+        return params
+    depth = jax.tree.leaves(layers)[0].shape[0]
+    layer = lambda i: jax.tree.map(lambda x: x[i], layers)
+    return {**params, "layers": tuple(layer(i) for i in range(depth))}
+
+
 def decode_step(params, tokens_B, cache: KVCache, *, config: ModelConfig, dtype="float32"):
-    """Feeds one token per row at the cache's next position; returns (logits [B, V], cache)."""
+    """Feeds one token per row at the cache's next position; returns (logits [B, V], cache).
+
+    `params` may have stacked or unstacked (`unstack_layers`) layers; a loop should unstack once.
+    """
+    dt = _dtype(dtype)
     pos_B1 = cache.next_pos_B[:, None]
     slot = cache.index % cache.num_slots
-    # earlier tokens only: the slot about to be overwritten holds nothing the query may see
-    old_pos = jax.lax.dynamic_update_slice(cache.pos_BC, jnp.full_like(pos_B1, -1), (0, slot))
-    allowed = _allowed(pos_B1, old_pos, config.sliding_window)
-    logits, (k, v) = _model(config, dtype).apply(
-        {"params": params}, tokens_B[:, None], pos_B1, allowed, cache, None, mode="decode"
-    )
-    at = (0, 0, slot, 0, 0)  # one slot of every layer, written in place
+    # the new token takes the ring buffer's next slot (a sliding window's oldest token)
+    pos_BC = jax.lax.dynamic_update_slice(cache.pos_BC, pos_B1, (0, slot))
+    allowed = _allowed(pos_B1, pos_BC, config.sliding_window)
+    embed = Embedder(config.vocab_size, config.hidden_size, dt, dt)
+    x = embed.apply({"params": params["embed"]}, tokens_B[:, None])
+    block = Block(config, "decode", dt, dt)
+    new_k, new_v = [], []
+    layers = unstack_layers(params)["layers"]
+    for layer, k, v in zip(layers, cache.k_BKHC, cache.v_BKCH, strict=True):
+        x, (k, v) = block.apply({"params": layer}, x, pos_B1, allowed, (k, v), slot)
+        new_k.append(k)
+        new_v.append(v)
+    x = RMSNorm(config.rms_norm_eps, dt).apply({"params": params["final_norm"]}, x)
+    if config.tie_word_embeddings:
+        logits = embed.apply({"params": params["embed"]}, x, method=Embedder.attend)
+    else:
+        head = _LMHead(config.hidden_size, config.vocab_size, dt, dt)
+        logits = head.apply({"params": params["lm_head"]}, x)
     cache = KVCache(
-        k_LBCKH=jax.lax.dynamic_update_slice(cache.k_LBCKH, k.astype(cache.k_LBCKH.dtype), at),
-        v_LBCKH=jax.lax.dynamic_update_slice(cache.v_LBCKH, v.astype(cache.v_LBCKH.dtype), at),
-        pos_BC=jax.lax.dynamic_update_slice(cache.pos_BC, pos_B1, (0, slot)),
+        k_BKHC=tuple(new_k),
+        v_BKCH=tuple(new_v),
+        pos_BC=pos_BC,
         index=cache.index + 1,
         next_pos_B=cache.next_pos_B + 1,
     )

@@ -184,12 +184,11 @@ def plan(cfg, devices) -> Plan:
     sample_s = time.perf_counter() - start
 
     rows, slots = 2 * b, cache_slots(config, p_len + s.max_new_tokens)
-    shape = (config.num_hidden_layers, rows, slots, config.num_key_value_heads, config.head_dim)
-    names = (None, "batch", None, "kv_heads", None)
-    cache = jax.ShapeDtypeStruct(
+    shape = (rows, config.num_key_value_heads, slots, config.head_dim)  # one layer's keys
+    layer_cache = jax.ShapeDtypeStruct(
         shape,
         jnp.dtype(cfg.model.dtype),
-        sharding=sharding.logical_sharding(shape, names, mesh, rules),
+        sharding=sharding.logical_sharding(shape, ("batch", "kv_heads", None, None), mesh, rules),
     )
     per_device = sharding.per_device_bytes
     a, mb = t.batch_size // t.micro_batch_size, t.micro_batch_size
@@ -218,7 +217,7 @@ def plan(cfg, devices) -> Plan:
         train_out=train.output_size_in_bytes - train.alias_size_in_bytes,
         sample_temp=sample.temp_size_in_bytes,
         sample_out=sample.output_size_in_bytes,
-        kv_cache=2 * per_device(cache),
+        kv_cache=2 * config.num_hidden_layers * per_device(layer_cache),
     )
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import PartitionSpec as P
 
-from models import KVCache, ModelConfig, decode_step, prefill
-from sampling.truncation import sampling_logprobs
+from models import KVCache, ModelConfig, decode_step, logical_axes, prefill, unstack_layers
+from sampling.truncation import draw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,16 +79,10 @@ def _draw(keys_R, step, logits_RV, opts: SamplingOptions):
     if opts.greedy:
         token = jnp.argmax(logits_RV, axis=-1).astype(jnp.int32)
         return token, jnp.zeros(token.shape, jnp.float32)
-    logp_RV = sampling_logprobs(
-        logits_RV, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p
-    )
+    # inverse CDF: one uniform per row instead of a Gumbel draw per vocabulary entry
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_R)
-    # inverse CDF: one uniform per row instead of a Gumbel draw per vocabulary entry (4x less
-    # work on a 49k vocabulary); tokens outside the support add no mass, so are never picked
     u_R = jax.vmap(jax.random.uniform)(step_keys)
-    cdf_RV = jnp.cumsum(jnp.exp(logp_RV), axis=-1)
-    token = jnp.argmax(cdf_RV > (u_R * cdf_RV[:, -1])[:, None], axis=-1).astype(jnp.int32)
-    return token, jnp.take_along_axis(logp_RV, token[:, None], axis=-1)[:, 0]
+    return draw(u_R, logits_RV, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "opts", "dtype"))
@@ -113,27 +109,39 @@ def generate(
     logits_BV, cache = prefill(
         params, prompt_BT, mask_BT, config=config, max_len=t + budget, dtype=dtype
     )
-    # each prompt's prefill is shared by its n samples
-    cache = jax.tree.map(
-        lambda x: x if x.ndim == 0 else jnp.repeat(x, n, axis=_batch_axis(x)), cache
+    # each prompt's prefill is shared by its n samples (every cache array but `index` leads with B)
+    cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, n, axis=0), cache)
+    # once, before the loop: each layer's weights in the compute dtype, read in place by every
+    # step (under FSDP, XLA gathers them once for the loop). The cast happens in the
+    # parameters' shards (the rules' constraint is a no-op without a mesh).
+    cast = lambda w, names: nn.with_logical_constraint(w.astype(dtype), tuple(names))
+    layered = unstack_layers(
+        jax.tree.map(cast, params, logical_axes(config), is_leaf=lambda x: isinstance(x, P))
     )
     rows = b * n
     keys_R = row_keys(seed, iteration, prompt_ids_B, n)
     eos = jnp.asarray(opts.eos_ids, jnp.int32)
 
-    def body(s: _LoopState) -> _LoopState:
+    def record(s: _LoopState) -> tuple[_LoopState, jax.Array]:
+        """Draws the token of step `s.step` from `s.logits_RV` (pad for finished rows)."""
         token, logp = _draw(keys_R, s.step, s.logits_RV, opts)
         token = jnp.where(s.done_R, opts.pad_id, token)
         logp = jnp.where(s.done_R, 0.0, logp)
-        done = s.done_R | jnp.isin(token, eos)
-        lengths = s.lengths_R + (~s.done_R).astype(jnp.int32)
-        tokens = jax.lax.dynamic_update_slice(s.tokens_RL, token[:, None], (0, s.step))
-        logps = jax.lax.dynamic_update_slice(s.logps_RL, logp[:, None], (0, s.step))
-        logits, cache = decode_step(params, token, s.cache, config=config, dtype=dtype)
-        return _LoopState(s.step + 1, logits, cache, tokens, logps, done, lengths)
+        return s.replace(
+            step=s.step + 1,
+            tokens_RL=jax.lax.dynamic_update_slice(s.tokens_RL, token[:, None], (0, s.step)),
+            logps_RL=jax.lax.dynamic_update_slice(s.logps_RL, logp[:, None], (0, s.step)),
+            done_R=s.done_R | jnp.isin(token, eos),
+            lengths_R=s.lengths_R + (~s.done_R).astype(jnp.int32),
+        ), token
 
-    def cond(s: _LoopState):
-        return (s.step < budget) & ~jnp.all(s.done_R)
+    def body(s: _LoopState) -> _LoopState:
+        s, token = record(s)
+        logits, cache = decode_step(layered, token, s.cache, config=config, dtype=dtype)
+        return s.replace(logits_RV=logits, cache=cache)
+
+    def cond(s: _LoopState):  # the last token needs no decode step after it: drawn below
+        return (s.step < budget - 1) & ~jnp.all(s.done_R)
 
     init = _LoopState(
         step=jnp.zeros((), jnp.int32),
@@ -145,6 +153,8 @@ def generate(
         lengths_R=jnp.zeros((rows,), jnp.int32),
     )
     out = jax.lax.while_loop(cond, body, init)
+    last, _ = record(out)
+    out = jax.tree.map(lambda a, b: jnp.where(jnp.all(out.done_R), a, b), out, last)
     return Samples(
         tokens_BSL=out.tokens_RL.reshape(b, n, budget),
         lengths_BS=out.lengths_R.reshape(b, n),
@@ -152,7 +162,3 @@ def generate(
         logps_BSL=out.logps_RL.reshape(b, n, budget),
         steps=out.step,
     )
-
-
-def _batch_axis(x: jax.Array) -> int:
-    return 1 if x.ndim == 5 else 0  # cache k/v are [L, B, C, K, H]; the rest lead with B

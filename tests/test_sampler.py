@@ -17,6 +17,7 @@ from sampling import (
     sampling_logprobs,
 )
 from sampling.sampler import _draw
+from sampling.truncation import draw
 
 
 @pytest.fixture(scope="module")
@@ -218,10 +219,10 @@ def test_a_long_run_compiles_a_handful_of_programs(tiny):
         )
         shapes |= gen.shapes
     compiled = generate._cache_size() - before
-    # batch buckets {1,2,4,8} x length buckets {16,32,40}: at most 12 programs, not 12 calls'
-    # worth of distinct raw shapes
+    # batch buckets {1,2,4,8} x length buckets {16,24,32,40}: at most 16 programs, and fewer
+    # than the 12 calls' distinct raw shapes would compile
     assert compiled == len(shapes) <= 12
-    assert all(b in (1, 2, 4, 8) and t in (16, 32, 40) for b, t in shapes)
+    assert all(b in (1, 2, 4, 8) and t in (16, 24, 32, 40) for b, t in shapes)
 
 
 @pytest.mark.parametrize("top_k, top_p", [(0, 0.9), (7, 1.0), (20, 0.5), (0, 0.3)])
@@ -236,3 +237,45 @@ def test_truncated_support_equals_sorting_reference_on_wide_vocabularies(top_k, 
     for row in range(16):
         want = numpy_truncated(logits[row].astype(np.float64), 0.8, top_k, top_p) > 0
         np.testing.assert_array_equal(got[row], want, err_msg=f"row {row}")
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.9), (20, 0.8), (300, 0.95), (0, 0.3), (50, 1.0)])
+def test_candidate_draws_follow_the_full_truncated_distribution(top_k, top_p):
+    # rows whose support fits in the 256 candidates (peaked) and rows that fall back to the
+    # full vocabulary (flat), in one batch; u on a fine grid makes the inverse-CDF frequencies
+    # deterministic: each token's share of the grid is its probability to within 1/N
+    n, v, temperature = 4000, 3000, 0.8
+    rng = np.random.RandomState(top_k)
+    peaked, flat = rng.normal(size=v) * 4.0, rng.normal(size=v) * 0.05
+    u = (np.arange(n) + 0.5) / n
+    logits = np.concatenate([np.tile(peaked, (n, 1)), np.tile(flat, (n, 1))]).astype(np.float32)
+    tokens, logps = jax.jit(
+        lambda u, z: draw(u, z, temperature=temperature, top_k=top_k, top_p=top_p)
+    )(jnp.asarray(np.concatenate([u, u]), jnp.float32), jnp.asarray(logits))
+    tokens, logps = np.asarray(tokens), np.asarray(logps)
+    for rows, z in ((slice(0, n), peaked), (slice(n, 2 * n), flat)):
+        want = numpy_truncated(z.astype(np.float32).astype(np.float64), temperature, top_k, top_p)
+        assert np.all(want[tokens[rows]] > 0)  # never outside the truncated support
+        np.testing.assert_allclose(np.exp(logps[rows]), want[tokens[rows]], rtol=2e-4)
+        freq = np.bincount(tokens[rows], minlength=v) / n
+        assert np.abs(freq - want).max() <= 1.0 / n + 1e-6
+    kept = (
+        numpy_truncated(peaked.astype(np.float32).astype(np.float64), temperature, top_k, top_p) > 0
+    ).sum()
+    assert kept < 256  # the peaked rows did take the candidate path
+
+
+def test_a_rows_draw_does_not_depend_on_its_neighbours_falling_back():
+    # 17 rows: one whose support fits the candidates, 16 that fall back to the full vocabulary
+    # in chunks of 2 (the last chunk clamped); each row must get what it gets alone
+    rng = np.random.RandomState(0)
+    logits = rng.normal(size=(17, 2000)) * 0.05
+    logits[0] = rng.normal(size=2000) * 4.0
+    logits = jnp.asarray(logits, jnp.float32)
+    u = jnp.asarray(rng.uniform(size=17), jnp.float32)
+    fn = jax.jit(lambda u, z: draw(u, z, temperature=1.0, top_k=0, top_p=0.9))
+    together = fn(u, logits)
+    for row in range(17):
+        alone = fn(u[row : row + 1], logits[row : row + 1])
+        assert int(alone[0][0]) == int(together[0][row]), row
+        assert float(alone[1][0]) == float(together[1][row]), row
