@@ -5,13 +5,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jax.sharding import PartitionSpec as P
 
-from models import KVCache, ModelConfig, decode_step, logical_axes, prefill, unstack_layers
+from models import KVCache, ModelConfig, decode_step, prefill, unstack_layers
 from sampling.truncation import draw
 
 
@@ -111,13 +109,8 @@ def generate(
     )
     # each prompt's prefill is shared by its n samples (every cache array but `index` leads with B)
     cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, n, axis=0), cache)
-    # once, before the loop: each layer's weights in the compute dtype, read in place by every
-    # step (under FSDP, XLA gathers them once for the loop). The cast happens in the
-    # parameters' shards (the rules' constraint is a no-op without a mesh).
-    cast = lambda w, names: nn.with_logical_constraint(w.astype(dtype), tuple(names))
-    layered = unstack_layers(
-        jax.tree.map(cast, params, logical_axes(config), is_leaf=lambda x: isinstance(x, P))
-    )
+    # once, before the loop: each layer's weights in the compute dtype, read in place by every step
+    layered = unstack_layers(jax.tree.map(lambda w: w.astype(dtype), params))
     rows = b * n
     keys_R = row_keys(seed, iteration, prompt_ids_B, n)
     eos = jnp.asarray(opts.eos_ids, jnp.int32)
@@ -153,12 +146,14 @@ def generate(
         lengths_R=jnp.zeros((rows,), jnp.int32),
     )
     out = jax.lax.while_loop(cond, body, init)
+    # the last draw; where every row had already ended it only writes pad over pad
     last, _ = record(out)
-    out = jax.tree.map(lambda a, b: jnp.where(jnp.all(out.done_R), a, b), out, last)
+    steps = jnp.where(jnp.all(out.done_R), out.step, last.step)
+    out = last
     return Samples(
         tokens_BSL=out.tokens_RL.reshape(b, n, budget),
         lengths_BS=out.lengths_R.reshape(b, n),
         finished_BS=out.done_R.reshape(b, n),  # only an EOS id sets done
         logps_BSL=out.logps_RL.reshape(b, n, budget),
-        steps=out.step,
+        steps=steps,
     )

@@ -104,13 +104,13 @@ def draw(
     top_RM, idx_RM = jax.lax.optimization_barrier(jax.lax.top_k(z_RV, m))
     cut_R = top_RM[:, top_k - 1] if top_k else top_RM[:, -1]  # top-k keeps ties with the k-th
     if top_p < 1.0:
-        # mass over the top-k survivors (all of them in the candidates, or the row falls back)
-        total = jax.nn.logsumexp(z_RV, axis=-1) if not top_k else None
-        kept = top_RM >= cut_R[:, None] if top_k else None
-        lse_R = total if not top_k else jax.nn.logsumexp(jnp.where(kept, top_RM, NEG), axis=-1)
-        p_RM = jnp.exp(top_RM - lse_R[:, None])
+        # probabilities after top-k (its survivors are all candidates, or the row falls back)
         if top_k:
-            p_RM = jnp.where(kept, p_RM, 0.0)
+            kept = top_RM >= cut_R[:, None]
+            lse_R = jax.nn.logsumexp(jnp.where(kept, top_RM, NEG), axis=-1)
+            p_RM = jnp.where(kept, jnp.exp(top_RM - lse_R[:, None]), 0.0)
+        else:
+            p_RM = jnp.exp(top_RM - jax.nn.logsumexp(z_RV, axis=-1)[:, None])
         above_RM = jnp.cumsum(p_RM, axis=-1) - p_RM  # mass of the more likely candidates
         # Holtzman et al. 2020: the least likely token whose more likely tokens hold < p
         last = jnp.sum(above_RM < top_p, axis=-1) - 1

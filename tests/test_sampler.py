@@ -219,8 +219,8 @@ def test_a_long_run_compiles_a_handful_of_programs(tiny):
         )
         shapes |= gen.shapes
     compiled = generate._cache_size() - before
-    # batch buckets {1,2,4,8} x length buckets {16,24,32,40}: at most 16 programs, and fewer
-    # than the 12 calls' distinct raw shapes would compile
+    # one program per bucket shape, batch {1,2,4,8} x length {16,24,32,40}: never one per
+    # call's raw shape
     assert compiled == len(shapes) <= 12
     assert all(b in (1, 2, 4, 8) and t in (16, 24, 32, 40) for b, t in shapes)
 
