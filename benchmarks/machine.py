@@ -55,11 +55,14 @@ def limit_cores(n: int | None) -> int:
     return usable_cores()
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """Best-of-`repeats` GFLOP/s of a jitted float32 [n, n] @ [n, n] in JAX (2 n^3 flops)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
+def matmul_gflops(n: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
+    """Best-of-`repeats` GFLOP/s of a jitted [n, n] @ [n, n] in JAX (2 n^3 flops).
+
+    Operands in `dtype`, the product accumulated in float32 (as `models` multiplies).
+    """
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    matmul = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
     matmul(a, b).block_until_ready()  # compile
     best = float("inf")
     for _ in range(repeats):
@@ -69,7 +72,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def describe(gflops: float | None = None, matmul_size: int = 2048) -> str:
+def describe(gflops: float | None = None, matmul_size: int = 2048, dtype: str = "float32") -> str:
     """A markdown block naming the machine, the library versions and the JAX devices."""
     lines = [
         f"- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
@@ -82,8 +85,8 @@ def describe(gflops: float | None = None, matmul_size: int = 2048) -> str:
         f"transformers {_version('transformers')}",
     ]
     if gflops is not None:
-        lines.append(f"- measured float32 matmul ({matmul_size}x{matmul_size}, JAX, best of "
-                     f"several): {gflops:.1f} GFLOP/s")
+        lines.append(f"- measured {dtype} matmul ({matmul_size}x{matmul_size}, JAX, float32 "
+                     f"accumulation, best of several): {gflops:.1f} GFLOP/s")
     return "\n".join(lines)
 
 

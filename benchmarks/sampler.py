@@ -1,14 +1,17 @@
 """Sampling tokens/s: our jitted sampler vs transformers' `generate`, side by side on one CPU.
 
-Both sides get SmolLM2-135M-Instruct in float32, the same chat-formatted prompts left-padded
-to the same [batch, bucket] shape, temperature 1.0 and top-p 0.9 (no top-k), and produce
-exactly `--new-tokens` tokens per row: transformers through `min_new_tokens`, ours by an EOS
-id outside the vocabulary, which is never drawn. Each batch size runs one first call (ours:
-compile + run) and `--repeats` timed calls, alternating ours / transformers. Then, at the
-last batch size, the parts of one decode step are timed alone (`--no-breakdown` skips it).
+Both sides get SmolLM2-135M-Instruct in `--dtype` (float32 or bfloat16 weights and
+activations), the same chat-formatted prompts, temperature 1.0 and top-p 0.9 (no top-k), and
+produce exactly `--new-tokens` tokens per row: transformers through `min_new_tokens`, ours by
+an EOS id outside the vocabulary, which is never drawn. Transformers gets the prompts
+left-padded to a bucket; ours, like the training loop, prefills their common opening (the
+chat template's system turn) once (`common_prefix`; `--no-share-prefix` turns it off). Each
+batch size runs one first call (ours: compile + run) and `--repeats` timed calls, alternating
+ours / transformers. Then, at the last batch size, the parts of one decode step are timed
+alone (`--no-breakdown` skips it).
 
 Usage: python benchmarks/sampler.py [--batch-sizes 1 16 64] [--new-tokens 64]
-       [--num-samples 1] [--repeats 2] [--threads N]
+       [--num-samples 1] [--repeats 2] [--threads N] [--dtype float32|bfloat16]
 """
 # ruff: noqa: E402
 
@@ -34,7 +37,7 @@ from forward import alternate, load_torch_model
 
 from models import ModelConfig, decode_step, prefill, unstack_layers
 from models.gguf_io import find_smollm2_gguf, load_gguf, load_gguf_tokenizer
-from sampling import SamplingOptions, sample_prompts, sampling_logprobs
+from sampling import SamplingOptions, common_prefix, sample_prompts, sampling_logprobs
 from sampling.batching import bucket, prompt_buckets
 from sampling.truncation import draw
 
@@ -123,12 +126,13 @@ def _left_padded(prompts: list[list[int]], length: int, pad_id: int):
 
 
 def model_flops(config: ModelConfig, prompt_lens: list[int], new_tokens: int,
-                num_samples: int) -> float:
+                num_samples: int, shared: int = 0) -> float:
     """Useful model FLOPs of one call: real prompt tokens prefilled, then new-1 decode steps.
 
     2 FLOPs per multiply-add of every weight matrix (the tied LM head only where logits are
     used) plus attention, 4 * layers * heads * head_dim per (query, visible key) pair.
-    Padding and the masked cache slots a dense implementation also computes are not counted.
+    Padding and the masked cache slots a dense implementation also computes are not counted;
+    the weight matmuls of a `shared` prefix are counted once per call.
     """
     c = config
     d, f = c.hidden_size, c.intermediate_size
@@ -141,14 +145,14 @@ def model_flops(config: ModelConfig, prompt_lens: list[int], new_tokens: int,
         total += 2 * body * t + attn * t * (t + 1) / 2 + 2 * head  # prefill
         ctx = t + np.arange(1, new_tokens)  # the i-th new token is fed at context t + i
         total += num_samples * float(np.sum(2 * (body + head) + attn * ctx))
-    return total
+    return total - 2 * body * shared * max(len(prompt_lens) - 1, 0)
 
 
 # ------------------------------------------------------------------------------- timing
-def _run_ours(params, prompts, *, config, opts, max_prompt_len) -> int:
+def _run_ours(params, prompts, *, config, opts, max_prompt_len, dtype, prefix) -> int:
     out = sample_prompts(params, prompts, list(range(len(prompts))), config=config, opts=opts,
                          seed=0, iteration=0, batch_size=len(prompts),
-                         max_prompt_len=max_prompt_len)
+                         max_prompt_len=max_prompt_len, dtype=dtype, shared_prefix=prefix)
     return out.tokens_generated
 
 
@@ -174,41 +178,47 @@ def _best_ms(fn, *args, repeats: int = 5) -> float:
 
 
 def _breakdown(params, config: ModelConfig, prompts, tokens_BT, mask_BT, *,
-               opts: SamplingOptions, max_prompt_len: int, gflops: float,
-               total_ms: float) -> list:
+               opts: SamplingOptions, max_prompt_len: int, gflops: float, total_ms: float,
+               dtype: str, prefix: tuple[int, ...]) -> list:
     """(part, best ms, ms at the measured matmul GFLOP/s) for prefill and one decode step."""
+    n, new, p = opts.num_samples, opts.max_new_tokens, len(prefix)
+    lens = [int(m.sum()) for m in mask_BT]
+    if p:  # the layout ours decodes from: the shared prefix's slots, then each row's own tokens
+        t = bucket(max(lens) - p, prompt_buckets(max_prompt_len - p))
+        tokens_BT, mask_BT = _left_padded([q[p:] for q in prompts], t, opts.pad_id)
     b, t = tokens_BT.shape
-    n, new = opts.num_samples, opts.max_new_tokens
     rows, d, v = b * n, config.hidden_size, config.vocab_size
     one_token = functools.partial(_run_ours, params, prompts, config=config,
                                   opts=dataclasses.replace(opts, max_new_tokens=1),
-                                  max_prompt_len=max_prompt_len)
+                                  max_prompt_len=max_prompt_len, dtype=dtype, prefix=prefix)
     first_ms = _best_ms(one_token, repeats=3)
-    fill = jax.jit(functools.partial(prefill, config=config, max_len=t + new))
-    _, cache = fill(params, np.repeat(tokens_BT, n, 0), np.repeat(mask_BT, n, 0))
+    weights = jax.tree.map(lambda w: w.astype(dtype), params)
+    fill = jax.jit(functools.partial(prefill, config=config, max_len=p + t + new, dtype=dtype))
+    _, cache = fill(weights, np.repeat(tokens_BT, n, 0), np.repeat(mask_BT, n, 0),
+                    prefix_P=np.asarray(prefix, np.int32) if p else None)
     logits_RV = 3 * jax.random.normal(jax.random.key(0), (rows, v))  # nucleus > 256 tokens
     peaked_RV = 10 * jax.random.normal(jax.random.key(3), (rows, v))  # nucleus < 256 tokens
     u_R = jax.random.uniform(jax.random.key(4), (rows,))
-    hidden_RD = jax.random.normal(jax.random.key(1), (rows, d))
+    hidden_RD = jax.random.normal(jax.random.key(1), (rows, d), dtype)
     top_p_fn = functools.partial(sampling_logprobs, temperature=1.0, top_k=0, top_p=opts.top_p)
     draw_fn = jax.jit(functools.partial(draw, temperature=1.0, top_k=0, top_p=opts.top_p))
     plain_fn = functools.partial(sampling_logprobs, temperature=1.0, top_k=0, top_p=1.0)
 
-    lens = [int(m.sum()) for m in mask_BT]
     step_flops = model_flops(config, lens, 2, n) - model_flops(config, lens, 1, n)
     at_peak = lambda flops: flops / gflops / 1e6
+    head = lambda x, w: jnp.einsum("rd,vd->rv", x, w, preferred_element_type=jnp.float32)
     return [
-        (f"prefill [{b},{t}] + first draw (a call with 1 new token)", first_ms,
-         at_peak(model_flops(config, lens, 1, n))),
+        (f"prefill [{b},{t}]{f' after the shared prefix [1,{p}]' if p else ''} + first draw "
+         "(a call with 1 new token)", first_ms, at_peak(model_flops(config, lens, 1, n, p))),
         (f"one loop step in the call = (best call - the above) / {new - 1}",
          (total_ms - first_ms) / (new - 1), at_peak(step_flops)),
         ("decode_step alone (30 layers + LM head + cache write)",
-         _best_ms(jax.jit(functools.partial(decode_step, config=config)),
-                  jax.jit(unstack_layers)(params), jnp.zeros((rows,), jnp.int32), cache),
+         _best_ms(jax.jit(functools.partial(decode_step, config=config, dtype=dtype)),
+                  jax.jit(unstack_layers)(weights), jnp.zeros((rows,), jnp.int32), cache),
          at_peak(step_flops)),
         (f"LM head alone [{rows},{d}] x [{d},{v}]",
-         _best_ms(jax.jit(lambda x, w: jnp.einsum("rd,vd->rv", x, w)), hidden_RD,
-                  params["embed"]["embedding"]), at_peak(2 * rows * d * v)),
+         _best_ms(jax.jit(head), hidden_RD, weights["embed"]["embedding"]),
+         at_peak(2 * rows * d * v)),
         (f"draw, top-p {opts.top_p}: every row inside its 256 candidates [{rows},{v}]",
          _best_ms(draw_fn, u_R, peaked_RV), None),
         (f"draw, top-p {opts.top_p}: every row falls back to the full vocabulary",
@@ -234,16 +244,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed calls after the first")
     parser.add_argument("--max-prompt-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="default: every usable core")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights and activations on both sides")
+    parser.add_argument("--no-share-prefix", action="store_true",
+                        help="ours prefills every prompt whole, as transformers does")
     parser.add_argument("--no-breakdown", action="store_true")
     args = parser.parse_args()
 
     threads = machine.limit_cores(args.threads)  # before XLA starts its thread pool
     torch.set_num_threads(threads)
-    gflops = machine.matmul_gflops()
+    gflops = machine.matmul_gflops(dtype=args.dtype)
     path = find_smollm2_gguf()
     config, params = load_gguf(path)
     params = jax.device_put(params)  # NumPy leaves would be copied into XLA on every call
-    theirs = load_torch_model(path)  # first: it also silences transformers' progress bars
+    # first: it also silences transformers' progress bars
+    theirs = load_torch_model(path).to(getattr(torch, args.dtype))
     tokenizer = load_gguf_tokenizer(path)
     n, new = args.num_samples, args.new_tokens
     # an id outside the vocabulary is never drawn, so every row runs the full budget
@@ -251,6 +266,8 @@ def main() -> None:
                            pad_id=tokenizer.pad_token_id, num_samples=n, temperature=1.0,
                            top_p=args.top_p)
     all_prompts = _chat_tokens(tokenizer, INSTRUCTIONS)
+    # the prompt set's common opening, as the training loop computes it: fixed for every batch
+    prefix = () if args.no_share_prefix else common_prefix(all_prompts)
 
     results = []
     for b in args.batch_sizes:
@@ -258,28 +275,34 @@ def main() -> None:
         t = bucket(max(len(p) for p in prompts), prompt_buckets(args.max_prompt_len))
         tokens_BT, mask_BT = _left_padded(prompts, t, opts.pad_id)  # what ours builds, too
         run_ours = functools.partial(_run_ours, params, prompts, config=config, opts=opts,
-                                     max_prompt_len=args.max_prompt_len)
+                                     max_prompt_len=args.max_prompt_len, dtype=args.dtype,
+                                     prefix=prefix)
         run_theirs = functools.partial(_run_theirs, theirs, tokens_BT, mask_BT, opts=opts,
                                        eos_id=tokenizer.eos_token_id)
         (first, *ours), (_, *hf), ours_n, hf_n = alternate(run_ours, run_theirs, args.repeats)
         if set(ours_n + hf_n) != {b * n * new}:
             raise RuntimeError(f"new tokens per call: ours {ours_n}, transformers {hf_n}; "
                                f"want {b * n * new}")
-        flops = model_flops(config, [len(p) for p in prompts], new, n)
+        flops = model_flops(config, [len(p) for p in prompts], new, n, len(prefix))
         results.append((b, tokens_BT, mask_BT, ours, hf, first, flops))
         print(f"batch {b}: ours {min(ours):.2f} s, transformers {min(hf):.2f} s", flush=True)
 
-    print(f"\n## sampler, float32, {threads} thread(s) each, {new} new tokens per row, top-p "
-          f"{args.top_p}, temperature 1.0, {n} sample(s) per prompt, {args.repeats} timed "
+    print(f"\n## sampler, {args.dtype}, {threads} thread(s) each, {new} new tokens per row, "
+          f"top-p {args.top_p}, temperature 1.0, {n} sample(s) per prompt, {args.repeats} timed "
           "calls each (alternating ours / transformers) after one first call\n")
-    print(machine.describe(gflops) + "\n")
-    print("| batch (rows) | prompt bucket | ours tok/s best (median) | transformers tok/s best "
-          "(median) | ours / transformers | ours first call s | ours % of matmul GFLOP/s |")
-    print("|---|---|---|---|---|---|---|")
+    print(machine.describe(gflops, dtype=args.dtype) + "\n")
+    print("| batch (rows) | transformers' prompt bucket | ours: shared prefix + bucket | ours "
+          "tok/s best (median) | transformers tok/s best (median) | ours / transformers | ours "
+          "first call s | ours % of matmul GFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    p = len(prefix)
     for b, tokens_BT, _, ours, hf, first, flops in results:
         count = b * n * new
         pct = 100 * flops / min(ours) / (gflops * 1e9)
-        print(f"| {b} ({b * n}) | {tokens_BT.shape[1]} | {count / min(ours):,.0f} "
+        prompts = [all_prompts[i % len(all_prompts)] for i in range(b)]
+        ours_t = bucket(max(len(q) for q in prompts) - p, prompt_buckets(args.max_prompt_len - p))
+        print(f"| {b} ({b * n}) | {tokens_BT.shape[1]} | {p} + {ours_t} "
+              f"| {count / min(ours):,.0f} "
               f"({count / statistics.median(ours):,.0f}) | {count / min(hf):,.0f} "
               f"({count / statistics.median(hf):,.0f}) | {min(hf) / min(ours):.2f} "
               f"| {first:.1f} | {pct:.1f}% |")
@@ -290,7 +313,7 @@ def main() -> None:
     prompts = [all_prompts[i % len(all_prompts)] for i in range(b)]
     parts = _breakdown(params, config, prompts, tokens_BT, mask_BT, opts=opts,
                        max_prompt_len=args.max_prompt_len, gflops=gflops,
-                       total_ms=1e3 * min(ours))
+                       total_ms=1e3 * min(ours), dtype=args.dtype, prefix=prefix)
     print(f"\n### where one call's time goes at batch {b} ({b * n} rows)\n")
     print("| part | best ms | ms at the measured matmul GFLOP/s |")
     print("|---|---|---|")

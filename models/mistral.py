@@ -124,6 +124,29 @@ def _allowed(q_pos_BT, k_pos_BS, window: int | None):
     return ok
 
 
+def _acc(x: jax.Array):
+    """Result dtype of a matmul of `x`: float32 for bfloat16 operands on a CPU.
+
+    XLA:CPU multiplies bfloat16 at twice the float32 rate (AVX512-BF16) only into a float32
+    result; for a bfloat16 result it converts both operands to float32 first.
+    """
+    return jnp.float32 if x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu" else None
+
+
+def _write(buf, update, start):
+    """`dynamic_update_slice` of a cache buffer, in place for bfloat16 too.
+
+    XLA:CPU computes a bfloat16 update in float32: it converts the whole buffer and back at
+    every step. The same bits moved as uint16 are written in place on every backend.
+    """
+    update = update.astype(buf.dtype)
+    if buf.dtype != jnp.bfloat16:
+        return jax.lax.dynamic_update_slice(buf, update, start)
+    bits = jax.lax.bitcast_convert_type
+    out = jax.lax.dynamic_update_slice(bits(buf, jnp.uint16), bits(update, jnp.uint16), start)
+    return bits(out, jnp.bfloat16)
+
+
 # ------------------------------------------------------------------------------- layers
 def _init(axes):
     return nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), axes)
@@ -163,9 +186,11 @@ class Einsum(nn.Module):
             # one matmul over the merged axes: einsum may contract them in another order,
             # which makes XLA transpose (copy) the kernel at every call
             k = math.prod(w.shape[:m])
-            y = x.reshape(*x.shape[:-m], k) @ w.reshape(k, -1)
-            return y.reshape(*x.shape[:-m], *w.shape[m:])
-        return jnp.einsum(self.eq, x, w)
+            y = jnp.matmul(
+                x.reshape(*x.shape[:-m], k), w.reshape(k, -1), preferred_element_type=_acc(x)
+            )
+            return y.reshape(*x.shape[:-m], *w.shape[m:]).astype(self.dtype)
+        return jnp.einsum(self.eq, x, w, preferred_element_type=_acc(x)).astype(self.dtype)
 
 
 class Attention(nn.Module):
@@ -197,18 +222,19 @@ class Attention(nn.Module):
             # products are then plain batched matmuls): write the new token at slot `slots`
             # in place, then attend over every slot the mask allows (the new one included)
             k_buf, v_buf = cache
-            key = jax.lax.dynamic_update_slice(
-                k_buf, key.transpose(0, 2, 3, 1).astype(k_buf.dtype), (0, 0, 0, slots)
-            )
-            val = jax.lax.dynamic_update_slice(
-                v_buf, val.transpose(0, 2, 1, 3).astype(v_buf.dtype), (0, 0, slots, 0)
-            )
+            key = _write(k_buf, key.transpose(0, 2, 3, 1), (0, 0, 0, slots))
+            val = _write(v_buf, val.transpose(0, 2, 1, 3), (0, 0, slots, 0))
             new_kv, k_layout, v_layout = (key, val), "bkhs", "bksh"
         else:  # full and prefill: attend within the chunk
             # prefill hands back the k/v of the newest tokens the cache keeps
             keep = None if slots is None else slots.shape[0]
             new_kv = None if keep is None else (key[:, -keep:], val[:, -keep:])
             k_layout = v_layout = "bskh"
+            if cache is not None:  # a shared prefix's keys and values [P, K, H], seen first
+                key, val = (
+                    jnp.concatenate([jnp.broadcast_to(c, (b, *c.shape)).astype(x.dtype), x], 1)
+                    for c, x in zip(cache, (key, val), strict=True)
+                )
         # float32 attention logits [B, K, G, T, S]; t (1 in decode) folded into the groups
         q = q.transpose(0, 2, 3, 1, 4).reshape(b, k, -1, h)
         logits = jnp.einsum(
@@ -218,7 +244,12 @@ class Attention(nn.Module):
         logits = jnp.where(allowed_BTS[:, None, None], logits, MASK_VALUE)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # softmax in float32
         probs = probs.reshape(b, k, -1, probs.shape[-1])
-        out = jnp.einsum(f"bkqs,{v_layout}->bkqh", probs, val.astype(self.dtype))
+        out = jnp.einsum(
+            f"bkqs,{v_layout}->bkqh",
+            probs,
+            val.astype(self.dtype),
+            preferred_element_type=_acc(probs),
+        ).astype(self.dtype)
         out = out.reshape(b, k, -1, t, h).transpose(0, 3, 1, 2, 4)
         out = Einsum(
             "btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), name="o_proj", **dense
@@ -297,6 +328,8 @@ class Embedder(nn.Module):
 class Transformer(nn.Module):
     """Mistral/Llama decoder. `mode`: "full" (training, scoring) or "prefill" (fills a cache).
 
+    In prefill, `context` (keys, values [L, P, K, H]) is a shared prefix every row sees first.
+
     `dtype` is the compute dtype, `param_dtype` the storage dtype of parameters created by
     `init`; logits are always float32. `remat` names a rematerialisation policy per layer.
     """
@@ -313,6 +346,7 @@ class Transformer(nn.Module):
         pos_BT,
         allowed_BTS,
         slots=None,
+        context=None,
         *,
         mode: str = "full",
         return_hidden: bool = False,
@@ -333,11 +367,12 @@ class Transformer(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),  # context: one per layer
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, mode, self.dtype, self.param_dtype, name="layers")
-        x, new_kv = layers(x, pos_BT, allowed_BTS, None, slots)  # new_kv: [L, B, *, K, H]
+        # new_kv: [L, B, *, K, H]
+        x, new_kv = layers(x, pos_BT, allowed_BTS, context, slots)
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="final_norm")(x)
         if return_hidden:
             return x, new_kv
@@ -434,26 +469,69 @@ def forward(
     return out
 
 
-def prefill(params, tokens_BT, mask_BT, *, config: ModelConfig, max_len: int, dtype="float32"):
+def prefill(
+    params,
+    tokens_BT,
+    mask_BT,
+    *,
+    config: ModelConfig,
+    max_len: int,
+    dtype="float32",
+    prefix_P=None,
+):
     """Runs left-padded prompts in one pass and fills a fresh cache sized for `max_len` tokens.
 
+    `prefix_P` (int32 [P]), when given, is a prefix shared by every row: its keys and values are
+    computed once and each row continues it with its own tokens (prefix sharing, as in vLLM's
+    prefix caching), so a row's sequence is prefix + the real tokens of its row.
     Returns (float32 logits of each row's next token [B, V], cache).
     """
     b, t = tokens_BT.shape
-    if t > max_len:
-        raise ValueError(f"prompt length {t} exceeds the cache length max_len={max_len}")
+    p = 0 if prefix_P is None else prefix_P.shape[0]
+    if p + t > max_len:
+        raise ValueError(f"prompt length {p + t} exceeds the cache length max_len={max_len}")
     cache = init_cache(config, b, max_len, dtype)
+    c, window = cache.num_slots, config.sliding_window
+    if p and max_len > c:  # the ring buffer would overwrite the prefix before the padding
+        raise ValueError(
+            f"a shared prefix needs a slot per token; max_len={max_len} exceeds the {c} "
+            "slots of the sliding window: pass the prompts whole"
+        )
+    model = _model(config, dtype)
+    context = None
+    if p:  # the prefix once, as a one-row prompt; its cache slots come first in every row
+        pos_1P = jnp.arange(p)[None]
+        _, context = model.apply(
+            {"params": params},
+            prefix_P[None],
+            pos_1P,
+            _allowed(pos_1P, pos_1P, window),
+            jnp.arange(p),
+            mode="prefill",
+        )
+        context = jax.tree.map(lambda x: x[:, 0], context)  # [L, P, K, H]
     mask = mask_BT.astype(bool)
-    pos = positions_from_mask(mask_BT)
-    idx = jnp.arange(t)
-    allowed = _allowed(
-        jnp.broadcast_to(idx, (b, t)), jnp.where(mask, idx, -1), config.sliding_window
+    pos = p + positions_from_mask(mask_BT)
+    slot_pos = jnp.concatenate(  # every key's position, -1 for padding
+        [jnp.broadcast_to(jnp.arange(p), (b, p)), jnp.where(mask, pos, -1)], axis=1
     )
-    tail = min(t, cache.num_slots)
-    slots = jnp.arange(t - tail, t) % cache.num_slots
-    logits, (k_LBTKH, v_LBTKH) = _model(config, dtype).apply(
-        {"params": params}, tokens_BT, pos, allowed, slots, mode="prefill"
+    tail = min(t, c)  # a sliding window keeps the last c tokens
+    slots = jnp.arange(p + t - tail, p + t) % c
+    logits, (k_LBTKH, v_LBTKH) = model.apply(
+        {"params": params},
+        tokens_BT,
+        pos,
+        _allowed(pos, slot_pos, window),
+        slots,
+        context,
+        mode="prefill",
     )
+    if p:  # the prefix's slots [0, P), then the rows' own tokens
+        k_LBTKH, v_LBTKH = (
+            jnp.concatenate([jnp.broadcast_to(x[:, None], (x.shape[0], b, *x.shape[1:])), y], 2)
+            for x, y in zip(context, (k_LBTKH, v_LBTKH), strict=True)
+        )
+        slots, tail = jnp.arange(p + t), p + t
     k_BKHC = tuple(  # [B, T, K, H] -> the slots of [B, K, H, C] and [B, K, C, H]
         buf.at[..., slots].set(k_LBTKH[i].transpose(0, 2, 3, 1).astype(buf.dtype))
         for i, buf in enumerate(cache.k_BKHC)
@@ -462,13 +540,12 @@ def prefill(params, tokens_BT, mask_BT, *, config: ModelConfig, max_len: int, dt
         buf.at[:, :, slots].set(v_LBTKH[i].transpose(0, 2, 1, 3).astype(buf.dtype))
         for i, buf in enumerate(cache.v_BKCH)
     )
-    slot_pos = jnp.where(mask, pos, -1)[:, t - tail :]
     cache = KVCache(
         k_BKHC=k_BKHC,
         v_BKCH=v_BKCH,
-        pos_BC=cache.pos_BC.at[:, slots].set(slot_pos),
-        index=jnp.asarray(t, jnp.int32),
-        next_pos_B=jnp.sum(mask, axis=-1).astype(jnp.int32),
+        pos_BC=cache.pos_BC.at[:, slots].set(slot_pos[:, p + t - tail :]),
+        index=jnp.asarray(p + t, jnp.int32),
+        next_pos_B=p + jnp.sum(mask, axis=-1).astype(jnp.int32),
     )
     return logits[:, 0], cache
 

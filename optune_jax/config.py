@@ -104,6 +104,8 @@ class SamplingSection:
     batch_size: int = _opt(32, range=POSITIVE)  # prompts per generate call
     # responses cut at the token budget without EOS: kept as-is or their pair dropped (SPEC §1)
     truncated: str = _opt("keep", choices=("keep", "drop"))
+    # the prompts' common opening (chat template, system turn) prefilled once per batch
+    share_prefix: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,7 +44,7 @@ from optune_jax.train_step import (
     response_logps,
     train_step,
 )
-from sampling import SamplingOptions, sample_prompts
+from sampling import SamplingOptions, common_prefix, sample_prompts
 
 # Settings a resumed run may change; any other difference makes the checkpoint incompatible.
 RESUMABLE_CHANGES = (
@@ -184,6 +184,9 @@ class OptuneRun:
         self.policy, params = load_policy(cfg, self.mesh, self.rules)
         self.param_shardings = jax.tree.map(lambda x: x.sharding, params)
         self._load_prompts()
+        # fixed per prompt set, so a prompt's samples do not depend on the prompts beside it
+        share = common_prefix if cfg.sampling.share_prefix else lambda _: ()
+        self.train_prefix, self.eval_prefix = share(self.train_prompts), share(self.eval_prompts)
         if distributed.is_primary():  # one process checks and writes the shared directory
             self._prepare_output(resume, overwrite)
         distributed.barrier("output dir ready")
@@ -389,7 +392,9 @@ class OptuneRun:
         self.next_iteration = meta["next_iteration"]
 
     # ------------------------------------------------------------------------ phases
-    def _sample(self, params, prompts, ids, *, seed, iteration, num_samples, max_new, batch, desc):
+    def _sample(
+        self, params, prompts, ids, *, seed, iteration, num_samples, max_new, batch, desc, prefix
+    ):
         s = self.cfg.sampling
         opts = SamplingOptions(
             max_new_tokens=max_new,
@@ -415,6 +420,7 @@ class OptuneRun:
                 batch_size=batch,
                 max_prompt_len=self.cfg.data.max_prompt_tokens,
                 dtype=self.cfg.model.dtype,
+                shared_prefix=prefix,
                 on_batch=bar.update,
                 device_put=put,
                 device_get=distributed.get,
@@ -444,6 +450,7 @@ class OptuneRun:
             max_new=e.max_new_tokens or s.max_new_tokens,
             batch=e.batch_size or s.batch_size,
             desc="evaluate",
+            prefix=self.eval_prefix,
         )
         return self._score(self.eval_rows, gen.tokens, gen.lengths)[:, 0], gen
 
@@ -490,6 +497,7 @@ class OptuneRun:
             max_new=cfg.sampling.max_new_tokens,
             batch=cfg.sampling.batch_size,
             desc=f"iter {t} generate",
+            prefix=self.train_prefix,
         )
         timers["generation"] = clock() - start
         # 3. reward the new responses
@@ -594,6 +602,7 @@ class OptuneRun:
             max_new=cfg.sampling.max_new_tokens,
             batch=cfg.sampling.batch_size,
             desc=f"iter {t} online samples",
+            prefix=self.train_prefix,
         )
         rows = layout(
             [self.train_prompts[i] for i in prompt_idx],

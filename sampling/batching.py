@@ -40,6 +40,23 @@ def bucket(n: int, sizes: Sequence[int]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {max(sizes)}")
 
 
+def common_prefix(prompts: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    """The longest prefix every prompt starts with, one token short of the shortest prompt.
+
+    Chat prompts share their template's opening (system turn, user header): `sample_prompts`
+    computes its keys and values once instead of once per row. Pass the prefix of the whole
+    prompt set, fixed for a run, so a prompt's samples do not depend on its batch.
+    """
+    if not prompts:
+        return ()
+    first = np.asarray(prompts[0])
+    n = min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        same = first[:n] == np.asarray(p[:n])
+        n = int(np.argmin(same)) if not same.all() else n
+    return tuple(int(x) for x in first[: max(n, 0)])
+
+
 def kv_cache_bytes(config: ModelConfig, rows: int, max_len: int, dtype: str = "float32") -> int:
     """Bytes of the key/value cache `generate` preallocates for `rows` sequences."""
     slots = cache_slots(config, max_len)
@@ -72,6 +89,7 @@ def sample_prompts(
     batch_size: int,
     max_prompt_len: int,
     dtype: str = "float32",
+    shared_prefix: Sequence[int] = (),
     on_batch: Callable[[int], None] | None = None,
     device_put: Callable = jax.device_put,
     device_get: Callable = jax.device_get,
@@ -81,8 +99,11 @@ def sample_prompts(
     Prompts are sorted by length and cut into batches padded to a few bucket shapes (powers
     of two rows; lengths 16, 24, 32, 48, ...), so a long run compiles a handful of programs.
     `prompt_ids` seed each prompt's draws, so the result for a prompt does not depend on
-    which prompts are sampled with it. `device_put` places each batch's arrays and
-    `device_get` fetches the samples (a mesh, several hosts).
+    which prompts are sampled with it. `shared_prefix` (see `common_prefix`), which every
+    prompt must start with, is computed once per batch instead of once per row; a
+    sliding-window model whose window is shorter than prefix, prompt and response together
+    gets whole prompts instead. `device_put` places each batch's arrays and `device_get`
+    fetches the samples (a mesh, several hosts).
     """
     if len(prompts) != len(prompt_ids):
         raise ValueError(f"{len(prompts)} prompts but {len(prompt_ids)} prompt ids")
@@ -91,6 +112,17 @@ def sample_prompts(
         bad = int(np.argmax((lens == 0) | (lens > max_prompt_len)))
         raise ValueError(f"prompt {bad} has {lens[bad]} tokens; allowed 1..{max_prompt_len}")
     n, budget = opts.num_samples, opts.max_new_tokens
+    p, prefix = len(shared_prefix), [int(x) for x in shared_prefix]
+    for i, prompt in enumerate(prompts):
+        if p and (len(prompt) <= p or [int(x) for x in prompt[:p]] != prefix):
+            raise ValueError(
+                f"prompt {i} does not continue the shared prefix of {p} tokens "
+                "(every prompt must start with it and be longer)"
+            )
+    if p and cache_slots(config, max_prompt_len + budget) < max_prompt_len + budget:
+        p = 0  # the window's ring buffer would evict the prefix (models.prefill)
+    prefix = np.asarray(prefix[:p], np.int32)
+    lens -= p
     out = Generation(
         tokens=np.full((len(prompts), n, budget), opts.pad_id, np.int32),
         lengths=np.zeros((len(prompts), n), np.int32),
@@ -101,7 +133,7 @@ def sample_prompts(
         shapes=set(),
     )
     batch_sizes = length_buckets(batch_size, smallest=1)
-    prompt_lens = prompt_buckets(max_prompt_len)
+    prompt_lens = prompt_buckets(max_prompt_len - p)
     order = np.argsort(lens, kind="stable")
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -110,7 +142,7 @@ def sample_prompts(
         mask = np.zeros((b, t), np.int32)
         ids = np.zeros((b,), np.int32)
         for row, i in enumerate(idx):  # left padding
-            tokens[row, t - lens[i] :] = prompts[i]
+            tokens[row, t - lens[i] :] = prompts[i][p:]
             mask[row, t - lens[i] :] = 1
             ids[row] = prompt_ids[i]
         mask[len(idx) :, -1] = 1  # filler rows: one real token keeps them well defined
@@ -122,6 +154,7 @@ def sample_prompts(
                 device_put(ids),
                 seed,
                 iteration,
+                prefix if p else None,  # replicated
                 config=config,
                 opts=opts,
                 dtype=dtype,
@@ -132,7 +165,7 @@ def sample_prompts(
         out.finished[idx], out.logps[idx] = res.finished_BS[:k], res.logps_BSL[:k]
         out.tokens_generated += int(res.lengths_BS[:k].sum())
         out.max_cache_bytes = max(
-            out.max_cache_bytes, kv_cache_bytes(config, b * n, t + budget, dtype)
+            out.max_cache_bytes, kv_cache_bytes(config, b * n, p + t + budget, dtype)
         )
         out.shapes.add((b, t))
         if on_batch is not None:

@@ -91,6 +91,7 @@ def generate(
     prompt_ids_B,
     seed,
     iteration,
+    prefix_P=None,
     *,
     config: ModelConfig,
     opts: SamplingOptions,
@@ -98,14 +99,23 @@ def generate(
 ) -> Samples:
     """Samples `opts.num_samples` responses for each left-padded prompt.
 
+    `prefix_P` (int32 [P]), when given, is a prefix shared by every prompt, computed once: row
+    b's prompt is then prefix_P followed by its real tokens in `prompt_BT`.
     The draw for (prompt id, sample index, seed, iteration) does not depend on which other
     prompts share the batch. Decoding stops when every row has produced an EOS id or
     `max_new_tokens` are spent.
     """
     b, t = prompt_BT.shape
+    p = 0 if prefix_P is None else prefix_P.shape[0]
     n, budget = opts.num_samples, opts.max_new_tokens
     logits_BV, cache = prefill(
-        params, prompt_BT, mask_BT, config=config, max_len=t + budget, dtype=dtype
+        params,
+        prompt_BT,
+        mask_BT,
+        config=config,
+        max_len=p + t + budget,
+        dtype=dtype,
+        prefix_P=prefix_P,
     )
     # each prompt's prefill is shared by its n samples (every cache array but `index` leads with B)
     cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, n, axis=0), cache)

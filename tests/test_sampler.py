@@ -1,16 +1,21 @@
 """The sampler: greedy parity with transformers, exact truncation, batching independence."""
 
+import dataclasses
+
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from hypothesis import given, settings
 
-from models import ModelConfig, init_params
+from models import ModelConfig, decode_step, init_params, prefill
 from models.hf_io import load_hf_checkpoint
 from sampling import (
     SamplingOptions,
+    common_prefix,
     generate,
     kv_cache_bytes,
     sample_prompts,
@@ -18,6 +23,7 @@ from sampling import (
 )
 from sampling.sampler import _draw
 from sampling.truncation import draw
+from tests.test_train_step import CONFIG as TINY_CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -279,3 +285,86 @@ def test_a_rows_draw_does_not_depend_on_its_neighbours_falling_back():
         alone = fn(u[row : row + 1], logits[row : row + 1])
         assert int(alone[0][0]) == int(together[0][row]), row
         assert float(alone[1][0]) == float(together[1][row]), row
+
+
+# ------------------------------------------------------------------------------- shared prefix
+def _brute_common_prefix(prompts):
+    n = 0
+    while all(len(p) > n + 1 for p in prompts) and len({p[n] for p in prompts}) == 1:
+        n += 1
+    return tuple(prompts[0][:n]) if prompts else ()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=8), min_size=1, max_size=5))
+def test_common_prefix_is_the_longest_shared_prefix_short_of_every_prompt(prompts):
+    assert common_prefix(prompts) == _brute_common_prefix(prompts)
+
+
+@pytest.mark.parametrize("window", [None, 40, 8])  # 8: too short to hold a prefix, prompts whole
+def test_shared_prefix_samples_equal_whole_prompts(window):
+    config = dataclasses.replace(TINY_CONFIG, vocab_size=96, sliding_window=window)
+    params = init_params(config, jax.random.key(4))
+    rng = np.random.RandomState(5)
+    head = list(rng.randint(4, 96, size=9))
+    prompts = [head + list(rng.randint(4, 96, size=n)) for n in (1, 6, 3, 12, 4)]
+    prefix = common_prefix(prompts)
+    assert len(prefix) >= 9
+    ids = list(range(5))
+    for opts in (
+        SamplingOptions(max_new_tokens=9, eos_ids=(3,), pad_id=0, num_samples=1, greedy=True),
+        SamplingOptions(max_new_tokens=9, eos_ids=(3,), pad_id=0, num_samples=2, top_p=0.9),
+    ):
+        common = dict(config=config, opts=opts, seed=1, iteration=0, max_prompt_len=24)
+        whole = sample_prompts(params, prompts, ids, batch_size=4, **common)
+        shared = sample_prompts(params, prompts, ids, batch_size=4, shared_prefix=prefix, **common)
+        np.testing.assert_array_equal(shared.tokens, whole.tokens)
+        np.testing.assert_allclose(shared.logps, whole.logps, atol=1e-5)
+        # the prefix's cache slots are counted once per row, like the whole prompts' were
+        buckets = {t for _, t in shared.shapes}
+        if window == 8:
+            assert shared.shapes == whole.shapes
+        else:
+            assert max(buckets) < min(t for _, t in whole.shapes)
+        # a subset regenerated alone draws what it drew in the full run
+        part = sample_prompts(
+            params, prompts[1:3], ids[1:3], batch_size=1, shared_prefix=prefix, **common
+        )
+        np.testing.assert_array_equal(part.tokens, shared.tokens[1:3])
+
+
+def test_shared_prefix_prefill_matches_whole_prompt_prefill(tiny):
+    _, config, params = tiny  # sliding window 6 > every sequence here: no eviction
+    config = dataclasses.replace(config, sliding_window=None)
+    prefix = np.array([5, 17, 33, 8], np.int32)
+    suffixes = [[40, 41], [50], [60, 61, 62]]
+    whole_BT = np.zeros((3, 7), np.int32)
+    mask_whole = np.zeros_like(whole_BT)
+    suffix_BT = np.zeros((3, 3), np.int32)
+    mask_suffix = np.zeros_like(suffix_BT)
+    for i, s in enumerate(suffixes):
+        w = [*prefix, *s]
+        whole_BT[i, 7 - len(w) :], mask_whole[i, 7 - len(w) :] = w, 1
+        suffix_BT[i, 3 - len(s) :], mask_suffix[i, 3 - len(s) :] = s, 1
+    want, want_cache = prefill(params, whole_BT, mask_whole, config=config, max_len=10)
+    got, cache = prefill(
+        params, suffix_BT, mask_suffix, config=config, max_len=10, prefix_P=jnp.asarray(prefix)
+    )
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_array_equal(cache.next_pos_B, want_cache.next_pos_B)
+    token = jnp.argmax(want, axis=-1).astype(jnp.int32)
+    for _ in range(3):  # the same continuation from either cache
+        want, want_cache = decode_step(params, token, want_cache, config=config)
+        got, cache = decode_step(params, token, cache, config=config)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        token = jnp.argmax(want, axis=-1).astype(jnp.int32)
+
+
+def test_shared_prefix_rejects_prompts_that_do_not_continue_it(tiny):
+    _, config, params = tiny
+    opts = SamplingOptions(max_new_tokens=2, eos_ids=(3,), pad_id=0, num_samples=1)
+    common = dict(config=config, opts=opts, seed=0, iteration=0, batch_size=2, max_prompt_len=8)
+    with pytest.raises(ValueError, match="prompt 1 does not continue the shared prefix of 2"):
+        sample_prompts(params, [[4, 5, 6], [4, 7, 6]], [0, 1], shared_prefix=(4, 5), **common)
+    with pytest.raises(ValueError, match="prompt 0 does not continue"):  # nothing left of it
+        sample_prompts(params, [[4, 5], [4, 5, 6]], [0, 1], shared_prefix=(4, 5), **common)

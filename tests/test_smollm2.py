@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from models import find_smollm2_gguf, forward, load_gguf, load_tokenizer
-from sampling import SamplingOptions, sample_prompts
+from sampling import SamplingOptions, common_prefix, sample_prompts
 
 CHATS = [
     "What is the capital of France?",
@@ -52,9 +52,12 @@ def test_logits_match_transformers_on_left_padded_chat_prompts(smollm2):
     assert diff.max() / np.abs(want).max() < 5e-6
 
 
-def test_greedy_decoding_reproduces_transformers_generate(smollm2):
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_greedy_decoding_reproduces_transformers_generate(smollm2, share_prefix):
     config, params, hf, prompts = smollm2
     opts = SamplingOptions(max_new_tokens=24, eos_ids=(2,), pad_id=2, num_samples=1, greedy=True)
+    prefix = common_prefix(prompts) if share_prefix else ()
+    assert len(prefix) > 20 or not share_prefix  # the chat template's system turn
     ours = sample_prompts(
         params,
         prompts,
@@ -65,6 +68,7 @@ def test_greedy_decoding_reproduces_transformers_generate(smollm2):
         iteration=0,
         batch_size=4,
         max_prompt_len=64,
+        shared_prefix=prefix,
     )
     for i, p in enumerate(prompts):
         with torch.no_grad():
