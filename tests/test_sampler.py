@@ -316,8 +316,8 @@ def test_shared_prefix_samples_equal_whole_prompts(window):
         SamplingOptions(max_new_tokens=9, eos_ids=(3,), pad_id=0, num_samples=2, top_p=0.9),
     ):
         common = dict(config=config, opts=opts, seed=1, iteration=0, max_prompt_len=24)
-        whole = sample_prompts(params, prompts, ids, batch_size=4, **common)
-        shared = sample_prompts(params, prompts, ids, batch_size=4, shared_prefix=prefix, **common)
+        whole = sample_prompts(params, prompts, ids, batch_size=8, **common)
+        shared = sample_prompts(params, prompts, ids, batch_size=8, shared_prefix=prefix, **common)
         np.testing.assert_array_equal(shared.tokens, whole.tokens)
         np.testing.assert_allclose(shared.logps, whole.logps, atol=1e-5)
         # the prefix's cache slots are counted once per row, like the whole prompts' were
@@ -328,7 +328,7 @@ def test_shared_prefix_samples_equal_whole_prompts(window):
             assert max(buckets) < min(t for _, t in whole.shapes)
         # a subset regenerated alone draws what it drew in the full run
         part = sample_prompts(
-            params, prompts[1:3], ids[1:3], batch_size=1, shared_prefix=prefix, **common
+            params, prompts[1:3], ids[1:3], batch_size=2, shared_prefix=prefix, **common
         )
         np.testing.assert_array_equal(part.tokens, shared.tokens[1:3])
 
