@@ -301,7 +301,7 @@ def test_common_prefix_is_the_longest_shared_prefix_short_of_every_prompt(prompt
     assert common_prefix(prompts) == _brute_common_prefix(prompts)
 
 
-@pytest.mark.parametrize("window", [None, 40, 8])  # 8: too short to hold a prefix, prompts whole
+@pytest.mark.parametrize("window", [40, 8])  # 40 holds everything; 8 is too short: prompts whole
 def test_shared_prefix_samples_equal_whole_prompts(window):
     config = dataclasses.replace(TINY_CONFIG, vocab_size=96, sliding_window=window)
     params = init_params(config, jax.random.key(4))
