@@ -125,6 +125,11 @@ def _left_padded(prompts: list[list[int]], length: int, pad_id: int):
     return tokens_BT, mask_BT
 
 
+def _own_bucket(prompts: list[list[int]], shared: int, max_prompt_len: int) -> int:
+    """The length ours pads each row's own tokens to (after a `shared` prefix)."""
+    return bucket(max(len(q) for q in prompts) - shared, prompt_buckets(max_prompt_len - shared))
+
+
 def model_flops(config: ModelConfig, prompt_lens: list[int], new_tokens: int,
                 num_samples: int, shared: int = 0) -> float:
     """Useful model FLOPs of one call: real prompt tokens prefilled, then new-1 decode steps.
@@ -184,8 +189,8 @@ def _breakdown(params, config: ModelConfig, prompts, tokens_BT, mask_BT, *,
     n, new, p = opts.num_samples, opts.max_new_tokens, len(prefix)
     lens = [int(m.sum()) for m in mask_BT]
     if p:  # the layout ours decodes from: the shared prefix's slots, then each row's own tokens
-        t = bucket(max(lens) - p, prompt_buckets(max_prompt_len - p))
-        tokens_BT, mask_BT = _left_padded([q[p:] for q in prompts], t, opts.pad_id)
+        tokens_BT, mask_BT = _left_padded([q[p:] for q in prompts],
+                                          _own_bucket(prompts, p, max_prompt_len), opts.pad_id)
     b, t = tokens_BT.shape
     rows, d, v = b * n, config.hidden_size, config.vocab_size
     one_token = functools.partial(_run_ours, params, prompts, config=config,
@@ -300,7 +305,7 @@ def main() -> None:
         count = b * n * new
         pct = 100 * flops / min(ours) / (gflops * 1e9)
         prompts = [all_prompts[i % len(all_prompts)] for i in range(b)]
-        ours_t = bucket(max(len(q) for q in prompts) - p, prompt_buckets(args.max_prompt_len - p))
+        ours_t = _own_bucket(prompts, p, args.max_prompt_len)
         print(f"| {b} ({b * n}) | {tokens_BT.shape[1]} | {p} + {ours_t} "
               f"| {count / min(ours):,.0f} "
               f"({count / statistics.median(ours):,.0f}) | {count / min(hf):,.0f} "
