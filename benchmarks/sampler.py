@@ -5,10 +5,11 @@ activations), the same chat-formatted prompts, temperature 1.0 and top-p 0.9 (no
 produce exactly `--new-tokens` tokens per row: transformers through `min_new_tokens`, ours by
 an EOS id outside the vocabulary, which is never drawn. Transformers gets the prompts
 left-padded to a bucket; ours, like the training loop, prefills their common opening (the
-chat template's system turn) once (`common_prefix`; `--no-share-prefix` turns it off). Each
-batch size runs one first call (ours: compile + run) and `--repeats` timed calls, alternating
-ours / transformers. Then, at the last batch size, the parts of one decode step are timed
-alone (`--no-breakdown` skips it).
+chat template's system turn) once (`common_prefix`; `--no-share-prefix` turns it off) and
+prefills the rows' own tokens packed into fewer, longer lines where that saves padding
+(`pack_rows`; `--no-pack` turns it off). Each batch size runs one first call (ours: compile
++ run) and `--repeats` timed calls, alternating ours / transformers. Then, at the last batch
+size, the parts of one decode step are timed alone (`--no-breakdown` skips it).
 
 Usage: python benchmarks/sampler.py [--batch-sizes 1 16 64] [--new-tokens 64]
        [--num-samples 1] [--repeats 2] [--threads N] [--dtype float32|bfloat16]
@@ -38,7 +39,7 @@ from forward import alternate, load_torch_model
 from models import ModelConfig, decode_step, prefill, unstack_layers
 from models.gguf_io import find_smollm2_gguf, load_gguf, load_gguf_tokenizer
 from sampling import SamplingOptions, common_prefix, sample_prompts, sampling_logprobs
-from sampling.batching import bucket, prompt_buckets
+from sampling.batching import bucket, packed_lines, prompt_buckets
 from sampling.truncation import draw
 
 INSTRUCTIONS = [
@@ -125,9 +126,17 @@ def _left_padded(prompts: list[list[int]], length: int, pad_id: int):
     return tokens_BT, mask_BT
 
 
-def _own_bucket(prompts: list[list[int]], shared: int, max_prompt_len: int) -> int:
-    """The length ours pads each row's own tokens to (after a `shared` prefix)."""
-    return bucket(max(len(q) for q in prompts) - shared, prompt_buckets(max_prompt_len - shared))
+def _own_layout(prompts: list[list[int]], shared: int, max_prompt_len: int,
+                pack: bool) -> tuple[int, int]:
+    """(bucket, packed lines) of ours: the length each row's own tokens (after a `shared`
+    prefix) are padded to, and the lines of twice that length they are prefilled in (0: not
+    packed)."""
+    t = bucket(max(len(q) for q in prompts) - shared, prompt_buckets(max_prompt_len - shared))
+    return t, packed_lines([len(q) - shared for q in prompts], t) if pack else 0
+
+
+def _layout_text(shared: int, t: int, lines: int) -> str:
+    return f"{shared} + {t}" + (f", packed into {lines} lines of {2 * t}" if lines else "")
 
 
 def model_flops(config: ModelConfig, prompt_lens: list[int], new_tokens: int,
@@ -154,10 +163,11 @@ def model_flops(config: ModelConfig, prompt_lens: list[int], new_tokens: int,
 
 
 # ------------------------------------------------------------------------------- timing
-def _run_ours(params, prompts, *, config, opts, max_prompt_len, dtype, prefix) -> int:
+def _run_ours(params, prompts, *, config, opts, max_prompt_len, dtype, prefix, pack) -> int:
     out = sample_prompts(params, prompts, list(range(len(prompts))), config=config, opts=opts,
                          seed=0, iteration=0, batch_size=len(prompts),
-                         max_prompt_len=max_prompt_len, dtype=dtype, shared_prefix=prefix)
+                         max_prompt_len=max_prompt_len, dtype=dtype, shared_prefix=prefix,
+                         pack=pack)
     return out.tokens_generated
 
 
@@ -184,18 +194,19 @@ def _best_ms(fn, *args, repeats: int = 5) -> float:
 
 def _breakdown(params, config: ModelConfig, prompts, tokens_BT, mask_BT, *,
                opts: SamplingOptions, max_prompt_len: int, gflops: float, total_ms: float,
-               dtype: str, prefix: tuple[int, ...]) -> list:
+               dtype: str, prefix: tuple[int, ...], pack: bool) -> list:
     """(part, best ms, ms at the measured matmul GFLOP/s) for prefill and one decode step."""
     n, new, p = opts.num_samples, opts.max_new_tokens, len(prefix)
     lens = [int(m.sum()) for m in mask_BT]
+    own_t, lines = _own_layout(prompts, p, max_prompt_len, pack)
     if p:  # the layout ours decodes from: the shared prefix's slots, then each row's own tokens
-        tokens_BT, mask_BT = _left_padded([q[p:] for q in prompts],
-                                          _own_bucket(prompts, p, max_prompt_len), opts.pad_id)
+        tokens_BT, mask_BT = _left_padded([q[p:] for q in prompts], own_t, opts.pad_id)
     b, t = tokens_BT.shape
     rows, d, v = b * n, config.hidden_size, config.vocab_size
     one_token = functools.partial(_run_ours, params, prompts, config=config,
                                   opts=dataclasses.replace(opts, max_new_tokens=1),
-                                  max_prompt_len=max_prompt_len, dtype=dtype, prefix=prefix)
+                                  max_prompt_len=max_prompt_len, dtype=dtype, prefix=prefix,
+                                  pack=pack)
     first_ms = _best_ms(one_token, repeats=3)
     weights = jax.tree.map(lambda w: w.astype(dtype), params)
     fill = jax.jit(functools.partial(prefill, config=config, max_len=p + t + new, dtype=dtype))
@@ -213,7 +224,8 @@ def _breakdown(params, config: ModelConfig, prompts, tokens_BT, mask_BT, *,
     at_peak = lambda flops: flops / gflops / 1e6
     head = lambda x, w: jnp.einsum("rd,vd->rv", x, w, preferred_element_type=jnp.float32)
     return [
-        (f"prefill [{b},{t}]{f' after the shared prefix [1,{p}]' if p else ''} + first draw "
+        (f"prefill [{b},{t}]{f' packed into [{lines},{2 * t}]' if lines else ''}"
+         f"{f' after the shared prefix [1,{p}]' if p else ''} + first draw "
          "(a call with 1 new token)", first_ms, at_peak(model_flops(config, lens, 1, n, p))),
         (f"one loop step in the call = (best call - the above) / {new - 1}",
          (total_ms - first_ms) / (new - 1), at_peak(step_flops)),
@@ -253,6 +265,8 @@ def main() -> None:
                         help="weights and activations on both sides")
     parser.add_argument("--no-share-prefix", action="store_true",
                         help="ours prefills every prompt whole, as transformers does")
+    parser.add_argument("--no-pack", action="store_true",
+                        help="ours prefills each prompt in its own padded row")
     parser.add_argument("--no-breakdown", action="store_true")
     args = parser.parse_args()
 
@@ -281,7 +295,7 @@ def main() -> None:
         tokens_BT, mask_BT = _left_padded(prompts, t, opts.pad_id)  # what ours builds, too
         run_ours = functools.partial(_run_ours, params, prompts, config=config, opts=opts,
                                      max_prompt_len=args.max_prompt_len, dtype=args.dtype,
-                                     prefix=prefix)
+                                     prefix=prefix, pack=not args.no_pack)
         run_theirs = functools.partial(_run_theirs, theirs, tokens_BT, mask_BT, opts=opts,
                                        eos_id=tokenizer.eos_token_id)
         (first, *ours), (_, *hf), ours_n, hf_n = alternate(run_ours, run_theirs, args.repeats)
@@ -305,8 +319,8 @@ def main() -> None:
         count = b * n * new
         pct = 100 * flops / min(ours) / (gflops * 1e9)
         prompts = [all_prompts[i % len(all_prompts)] for i in range(b)]
-        ours_t = _own_bucket(prompts, p, args.max_prompt_len)
-        print(f"| {b} ({b * n}) | {tokens_BT.shape[1]} | {p} + {ours_t} "
+        layout = _layout_text(p, *_own_layout(prompts, p, args.max_prompt_len, not args.no_pack))
+        print(f"| {b} ({b * n}) | {tokens_BT.shape[1]} | {layout} "
               f"| {count / min(ours):,.0f} "
               f"({count / statistics.median(ours):,.0f}) | {count / min(hf):,.0f} "
               f"({count / statistics.median(hf):,.0f}) | {min(hf) / min(ours):.2f} "
@@ -318,7 +332,8 @@ def main() -> None:
     prompts = [all_prompts[i % len(all_prompts)] for i in range(b)]
     parts = _breakdown(params, config, prompts, tokens_BT, mask_BT, opts=opts,
                        max_prompt_len=args.max_prompt_len, gflops=gflops,
-                       total_ms=1e3 * min(ours), dtype=args.dtype, prefix=prefix)
+                       total_ms=1e3 * min(ours), dtype=args.dtype, prefix=prefix,
+                       pack=not args.no_pack)
     print(f"\n### where one call's time goes at batch {b} ({b * n} rows)\n")
     print("| part | best ms | ms at the measured matmul GFLOP/s |")
     print("|---|---|---|")

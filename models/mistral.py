@@ -478,12 +478,18 @@ def prefill(
     max_len: int,
     dtype="float32",
     prefix_P=None,
+    pack_GW=None,
 ):
     """Runs left-padded prompts in one pass and fills a fresh cache sized for `max_len` tokens.
 
     `prefix_P` (int32 [P]), when given, is a prefix shared by every row: its keys and values are
     computed once and each row continues it with its own tokens (prefix sharing, as in vLLM's
     prefix caching), so a row's sequence is prefix + the real tokens of its row.
+    `pack_GW` (int32 [G, W]), when given, computes the rows' real tokens packed into G lines of
+    W slots instead of B rows of T: slot (g, w) holds the token at flat index `pack_GW[g, w]`
+    of `tokens_BT` (-1: empty), each row's tokens contiguous and in order inside one line
+    (`sampling.pack_rows`). Attention stays inside a row and its prefix, so only the padding
+    computed changes.
     Returns (float32 logits of each row's next token [B, V], cache).
     """
     b, t = tokens_BT.shape
@@ -517,15 +523,26 @@ def prefill(
     )
     tail = min(t, c)  # a sliding window keeps the last c tokens
     slots = jnp.arange(p + t - tail, p + t) % c
-    logits, (k_LBTKH, v_LBTKH) = model.apply(
-        {"params": params},
-        tokens_BT,
-        pos,
-        _allowed(pos, slot_pos, window),
-        slots,
-        context,
-        mode="prefill",
-    )
+    if pack_GW is None:
+        logits, (k_LBTKH, v_LBTKH) = model.apply(
+            {"params": params},
+            tokens_BT,
+            pos,
+            _allowed(pos, slot_pos, window),
+            slots,
+            context,
+            mode="prefill",
+        )
+        logits = logits[:, 0]
+    else:
+        if max_len > c:
+            raise ValueError(
+                f"packed prompts need a slot per token; max_len={max_len} exceeds the {c} "
+                "slots of the sliding window: pass them unpacked"
+            )
+        logits, k_LBTKH, v_LBTKH = _prefill_packed(
+            model, params, tokens_BT, slot_pos, pack_GW, context, config=config
+        )
     if p:  # the prefix's slots [0, P), then the rows' own tokens
         k_LBTKH, v_LBTKH = (
             jnp.concatenate([jnp.broadcast_to(x[:, None], (x.shape[0], b, *x.shape[1:])), y], 2)
@@ -547,7 +564,51 @@ def prefill(
         index=jnp.asarray(p + t, jnp.int32),
         next_pos_B=p + jnp.sum(mask, axis=-1).astype(jnp.int32),
     )
-    return logits[:, 0], cache
+    return logits, cache
+
+
+def _prefill_packed(model, params, tokens_BT, slot_pos_BS, pack_GW, context, *, config):
+    """The prefill of `prefill(pack_GW=...)`: logits [B, V] and keys, values [L, B, T, K, H]."""
+    b, t = tokens_BT.shape
+    g, w = pack_GW.shape
+    p = slot_pos_BS.shape[1] - t
+    filled = pack_GW >= 0
+    at = jnp.maximum(pack_GW, 0)
+    pos_GW = jnp.where(filled, slot_pos_BS[:, p:].reshape(-1)[at], -1)  # -1: empty or padding
+    row_GW = jnp.where(pos_GW >= 0, at // t, -1)
+    # a query sees the prefix and the earlier tokens of its own row
+    key_pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(p), (g, p)), pos_GW], axis=1)
+    same_row = jnp.concatenate(
+        [jnp.ones((g, w, p), bool), row_GW[:, :, None] == row_GW[:, None, :]], axis=2
+    )
+    allowed = _allowed(pos_GW, key_pos, config.sliding_window) & same_row
+    hidden, kv = model.apply(
+        {"params": params},
+        tokens_BT.reshape(-1)[at],
+        jnp.maximum(pos_GW, 0),
+        allowed,
+        jnp.arange(w),
+        context,
+        mode="prefill",
+        return_hidden=True,
+    )
+    # each row's slots: where its tokens sit in the lines (padding reads slot 0; masked)
+    flat = jnp.where(filled, pack_GW, b * t).reshape(-1)
+    src_BT = jnp.zeros((b * t,), jnp.int32).at[flat].set(jnp.arange(g * w), mode="drop")
+    src_BT = src_BT.reshape(b, t)
+    last_BD = hidden.reshape(g * w, -1)[src_BT[:, -1]]  # left padding: column T-1 is real
+    logits = _head(params, last_BD[:, None], config, model.dtype)[:, 0]
+    k_LBTKH, v_LBTKH = (x.reshape(x.shape[0], g * w, *x.shape[3:])[:, src_BT] for x in kv)
+    return logits, k_LBTKH, v_LBTKH
+
+
+def _head(params, x_BTD, config: ModelConfig, dtype) -> jax.Array:
+    """The vocabulary projection of final-norm hidden states: float32 logits [B, T, V]."""
+    if config.tie_word_embeddings:
+        embed = Embedder(config.vocab_size, config.hidden_size, dtype, dtype)
+        return embed.apply({"params": params["embed"]}, x_BTD, method=Embedder.attend)
+    head = _LMHead(config.hidden_size, config.vocab_size, dtype, dtype)
+    return head.apply({"params": params["lm_head"]}, x_BTD)
 
 
 def unstack_layers(params):
@@ -585,11 +646,7 @@ def decode_step(params, tokens_B, cache: KVCache, *, config: ModelConfig, dtype=
         new_k.append(k)
         new_v.append(v)
     x = RMSNorm(config.rms_norm_eps, dt).apply({"params": params["final_norm"]}, x)
-    if config.tie_word_embeddings:
-        logits = embed.apply({"params": params["embed"]}, x, method=Embedder.attend)
-    else:
-        head = _LMHead(config.hidden_size, config.vocab_size, dt, dt)
-        logits = head.apply({"params": params["lm_head"]}, x)
+    logits = _head(params, x, config, dt)
     cache = KVCache(
         k_BKHC=tuple(new_k),
         v_BKCH=tuple(new_v),

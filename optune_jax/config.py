@@ -106,6 +106,8 @@ class SamplingSection:
     truncated: str = _opt("keep", choices=("keep", "drop"))
     # the prompts' common opening (chat template, system turn) prefilled once per batch
     share_prefix: bool = True
+    # a batch's prompts prefilled packed into fewer, longer lines when that saves padding
+    pack_prompts: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -421,6 +421,7 @@ class OptuneRun:
                 max_prompt_len=self.cfg.data.max_prompt_tokens,
                 dtype=self.cfg.model.dtype,
                 shared_prefix=prefix,
+                pack=s.pack_prompts,
                 on_batch=bar.update,
                 device_put=put,
                 device_get=distributed.get,

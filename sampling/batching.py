@@ -40,6 +40,51 @@ def bucket(n: int, sizes: Sequence[int]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {max(sizes)}")
 
 
+def _first_fit(lens: Sequence[int], width: int) -> np.ndarray:
+    """First-fit decreasing: each row's line, the longest row first into the first with room."""
+    line_of, used = np.zeros(len(lens), np.int64), []
+    for row in np.argsort(-np.asarray(lens), kind="stable"):
+        n = int(lens[row])
+        line = next((i for i, u in enumerate(used) if u + n <= width), len(used))
+        if line == len(used):
+            used.append(0)
+        used[line] += n
+        line_of[row] = line
+    return line_of
+
+
+def packed_lines(lens: Sequence[int], t: int) -> int:
+    """Lines of 2t slots `sample_prompts` packs a [B, t] batch into; 0 when it gains nothing.
+
+    The count is rounded up to a multiple of B/8 (a few programs per bucket) and must stay
+    under B/2: as many lines as that compute as many slots as the padded rows.
+    """
+    b, step = len(lens), max(1, len(lens) // 8)
+    lines = -(-(int(_first_fit(lens, 2 * t).max(initial=-1)) + 1) // step) * step
+    return lines if 2 * lines < b else 0
+
+
+def pack_rows(lens: Sequence[int], t: int, lines: int) -> np.ndarray:
+    """The rows of a left-padded [B, t] batch (real lengths `lens`) packed into lines of 2t.
+
+    Returns int32 [lines, 2t] for `models.prefill(pack_GW=...)`: the flat index into the
+    [B, t] batch of the token each slot holds, -1 for empty slots. Each row's tokens stay
+    contiguous and in order inside one line (first-fit decreasing).
+    """
+    lens = np.asarray(lens, np.int64)
+    if len(lens) and (lens.min() < 1 or lens.max() > t):
+        raise ValueError(f"row lengths must be in 1..{t}; got {lens.min()}..{lens.max()}")
+    line_of = _first_fit(lens, 2 * t)
+    if len(lens) and line_of.max() >= lines:
+        raise ValueError(f"{len(lens)} rows need {line_of.max() + 1} lines; got {lines}")
+    out, used = np.full((lines, 2 * t), -1, np.int32), np.zeros(lines, np.int64)
+    for row in np.argsort(-lens, kind="stable"):
+        line, n = line_of[row], lens[row]
+        out[line, used[line] : used[line] + n] = row * t + np.arange(t - n, t)
+        used[line] += n
+    return out
+
+
 def common_prefix(prompts: Sequence[Sequence[int]]) -> tuple[int, ...]:
     """The longest prefix every prompt starts with, one token short of the shortest prompt.
 
@@ -74,7 +119,7 @@ class Generation:
     logps: np.ndarray  # [P, S, max_new_tokens] float32
     tokens_generated: int
     max_cache_bytes: int
-    shapes: set[tuple[int, int]]  # the (batch, prompt length) buckets that were run
+    shapes: set[tuple[int, int, int]]  # the (batch, prompt length, packed lines) run
 
 
 def sample_prompts(
@@ -90,6 +135,7 @@ def sample_prompts(
     max_prompt_len: int,
     dtype: str = "float32",
     shared_prefix: Sequence[int] = (),
+    pack: bool = True,
     on_batch: Callable[[int], None] | None = None,
     device_put: Callable = jax.device_put,
     device_get: Callable = jax.device_get,
@@ -100,10 +146,11 @@ def sample_prompts(
     of two rows; lengths 16, 24, 32, 48, ...), so a long run compiles a handful of programs.
     `prompt_ids` seed each prompt's draws, so the result for a prompt does not depend on
     which prompts are sampled with it. `shared_prefix` (see `common_prefix`), which every
-    prompt must start with, is computed once per batch instead of once per row; a
-    sliding-window model whose window is shorter than prefix, prompt and response together
-    gets whole prompts instead. `device_put` places each batch's arrays and `device_get`
-    fetches the samples (a mesh, several hosts).
+    prompt must start with, is computed once per batch instead of once per row. `pack`
+    prefills a batch's prompts packed into fewer, longer lines where that computes fewer
+    padding slots (`packed_lines`). A sliding-window model whose window is shorter than
+    prefix, prompt and response together gets whole, unpacked prompts instead. `device_put`
+    places each batch's arrays and `device_get` fetches the samples (a mesh, several hosts).
     """
     if len(prompts) != len(prompt_ids):
         raise ValueError(f"{len(prompts)} prompts but {len(prompt_ids)} prompt ids")
@@ -119,8 +166,8 @@ def sample_prompts(
                 f"prompt {i} does not continue the shared prefix of {p} tokens "
                 "(every prompt must start with it and be longer)"
             )
-    if p and cache_slots(config, max_prompt_len + budget) < max_prompt_len + budget:
-        p = 0  # the window's ring buffer would evict the prefix (models.prefill)
+    if cache_slots(config, max_prompt_len + budget) < max_prompt_len + budget:
+        p, pack = 0, False  # a ring buffer would evict the prefix and packed rows (prefill)
     prefix = np.asarray(prefix[:p], np.int32)
     lens -= p
     out = Generation(
@@ -146,6 +193,7 @@ def sample_prompts(
             mask[row, t - lens[i] :] = 1
             ids[row] = prompt_ids[i]
         mask[len(idx) :, -1] = 1  # filler rows: one real token keeps them well defined
+        lines = packed_lines(mask.sum(axis=1), t) if pack else 0
         res = device_get(
             generate(
                 params,
@@ -155,6 +203,7 @@ def sample_prompts(
                 seed,
                 iteration,
                 prefix if p else None,  # replicated
+                device_put(pack_rows(mask.sum(axis=1), t, lines)) if lines else None,
                 config=config,
                 opts=opts,
                 dtype=dtype,
@@ -167,7 +216,7 @@ def sample_prompts(
         out.max_cache_bytes = max(
             out.max_cache_bytes, kv_cache_bytes(config, b * n, p + t + budget, dtype)
         )
-        out.shapes.add((b, t))
+        out.shapes.add((b, t, lines))
         if on_batch is not None:
             on_batch(k)
     return out

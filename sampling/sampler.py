@@ -92,6 +92,7 @@ def generate(
     seed,
     iteration,
     prefix_P=None,
+    pack_GW=None,
     *,
     config: ModelConfig,
     opts: SamplingOptions,
@@ -100,7 +101,8 @@ def generate(
     """Samples `opts.num_samples` responses for each left-padded prompt.
 
     `prefix_P` (int32 [P]), when given, is a prefix shared by every prompt, computed once: row
-    b's prompt is then prefix_P followed by its real tokens in `prompt_BT`.
+    b's prompt is then prefix_P followed by its real tokens in `prompt_BT`. `pack_GW`, when
+    given, prefills those tokens packed into lines (`models.prefill`, `pack_rows`).
     The draw for (prompt id, sample index, seed, iteration) does not depend on which other
     prompts share the batch. Decoding stops when every row has produced an EOS id or
     `max_new_tokens` are spent.
@@ -116,6 +118,7 @@ def generate(
         max_len=p + t + budget,
         dtype=dtype,
         prefix_P=prefix_P,
+        pack_GW=pack_GW,
     )
     # each prompt's prefill is shared by its n samples (every cache array but `index` leads with B)
     cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, n, axis=0), cache)

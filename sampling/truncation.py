@@ -66,10 +66,28 @@ def sampling_logprobs(logits_RV: jax.Array, *, temperature: float, top_k: int, t
 CANDIDATES = 256  # most likely tokens `draw` looks at before the full-vocabulary fallback
 
 
-def _inverse_cdf(u_R: jax.Array, logp_RN: jax.Array) -> jax.Array:
-    """Index of the first entry whose cumulative probability exceeds u (excluded: -inf)."""
-    cdf_RN = jnp.cumsum(jnp.exp(logp_RN), axis=-1)
-    return jnp.argmax(cdf_RN > (u_R * cdf_RN[:, -1])[:, None], axis=-1)
+def _inverse_cdf(u_R: jax.Array, logp_RN: jax.Array, block: int = 256) -> jax.Array:
+    """Index of the first entry whose cumulative probability exceeds u (excluded: -inf).
+
+    Over more than `block` entries, in two levels: the block where the running total of
+    block masses first exceeds u, then the entry inside it (a cumulative sum over the whole
+    vocabulary is slow on a CPU).
+    """
+    r, n = logp_RN.shape
+    if n <= block:
+        cdf_RN = jnp.cumsum(jnp.exp(logp_RN), axis=-1)
+        return jnp.argmax(cdf_RN > (u_R * cdf_RN[:, -1])[:, None], axis=-1)
+    p_RKB = jnp.exp(jnp.pad(logp_RN, ((0, 0), (0, -n % block)), constant_values=NEG))
+    p_RKB = p_RKB.reshape(r, -1, block)
+    cdf_RK = jnp.cumsum(jnp.sum(p_RKB, axis=-1), axis=-1)
+    target_R = u_R * cdf_RK[:, -1]
+    k_R = jnp.minimum(jnp.sum(cdf_RK <= target_R[:, None], axis=-1), cdf_RK.shape[1] - 1)
+    before_R = jnp.where(k_R > 0, jnp.take_along_axis(cdf_RK, k_R[:, None] - 1, -1)[:, 0], 0.0)
+    p_RB = jnp.take_along_axis(p_RKB, k_R[:, None, None], axis=1)[:, 0]
+    above = before_R[:, None] + jnp.cumsum(p_RB, axis=-1) > target_R[:, None]
+    # rounding can leave the block's total a hair under the target: its last token then
+    last = block - 1 - jnp.argmax((p_RB > 0)[:, ::-1], axis=-1)
+    return k_R * block + jnp.where(jnp.any(above, axis=-1), jnp.argmax(above, axis=-1), last)
 
 
 def _draw_full(u_R, logits_RV, *, temperature, top_k, top_p):

@@ -1,6 +1,7 @@
 """The sampler: greedy parity with transformers, exact truncation, batching independence."""
 
 import dataclasses
+import functools
 
 import hypothesis.strategies as st
 import jax
@@ -21,6 +22,7 @@ from sampling import (
     sample_prompts,
     sampling_logprobs,
 )
+from sampling.batching import pack_rows, packed_lines
 from sampling.sampler import _draw
 from sampling.truncation import draw
 from tests.test_train_step import CONFIG as TINY_CONFIG
@@ -225,10 +227,10 @@ def test_a_long_run_compiles_a_handful_of_programs(tiny):
         )
         shapes |= gen.shapes
     compiled = generate._cache_size() - before
-    # one program per bucket shape, batch {1,2,4,8} x length {16,24,32,40}: never one per
-    # call's raw shape
+    # one program per bucket shape, batch {1,2,4,8} x length {16,24,32,40} (the window's ring
+    # buffer leaves them unpacked): never one per call's raw shape
     assert compiled == len(shapes) <= 12
-    assert all(b in (1, 2, 4, 8) and t in (16, 24, 32, 40) for b, t in shapes)
+    assert all(b in (1, 2, 4, 8) and t in (16, 24, 32, 40) and not n for b, t, n in shapes)
 
 
 @pytest.mark.parametrize("top_k, top_p", [(0, 0.9), (7, 1.0), (20, 0.5), (0, 0.3)])
@@ -321,11 +323,11 @@ def test_shared_prefix_samples_equal_whole_prompts(window):
         np.testing.assert_array_equal(shared.tokens, whole.tokens)
         np.testing.assert_allclose(shared.logps, whole.logps, atol=1e-5)
         # the prefix's cache slots are counted once per row, like the whole prompts' were
-        buckets = {t for _, t in shared.shapes}
+        buckets = {t for _, t, _ in shared.shapes}
         if window == 8:
             assert shared.shapes == whole.shapes
         else:
-            assert max(buckets) < min(t for _, t in whole.shapes)
+            assert max(buckets) < min(t for _, t, _ in whole.shapes)
         # a subset regenerated alone draws what it drew in the full run
         part = sample_prompts(
             params, prompts[1:3], ids[1:3], batch_size=2, shared_prefix=prefix, **common
@@ -368,3 +370,81 @@ def test_shared_prefix_rejects_prompts_that_do_not_continue_it(tiny):
         sample_prompts(params, [[4, 5, 6], [4, 7, 6]], [0, 1], shared_prefix=(4, 5), **common)
     with pytest.raises(ValueError, match="prompt 0 does not continue"):  # nothing left of it
         sample_prompts(params, [[4, 5], [4, 5, 6]], [0, 1], shared_prefix=(4, 5), **common)
+
+
+# ------------------------------------------------------------------------------- packed prefill
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 12).flatmap(lambda t: st.tuples(
+    st.just(t), st.lists(st.integers(1, t), min_size=1, max_size=40)
+)))
+def test_packed_rows_hold_every_token_once_in_order(case):
+    t, lens = case
+    lines = packed_lines(lens, t)
+    step = max(1, len(lens) // 8)
+    assert lines == 0 or (lines % step == 0 and 2 * lines < len(lens))
+    assert lines == 0 or lines * 2 * t >= sum(lens)
+    pack = pack_rows(lens, t, lines or len(lens))
+    # brute force: read each row back from the lines
+    for row, n in enumerate(lens):
+        where = np.argwhere((pack >= row * t) & (pack < (row + 1) * t))
+        assert len(set(where[:, 0])) == 1  # one line
+        cols = where[:, 1]
+        np.testing.assert_array_equal(cols, np.arange(cols[0], cols[0] + n))  # contiguous
+        np.testing.assert_array_equal(pack[where[0, 0], cols], row * t + np.arange(t - n, t))
+    assert (pack >= 0).sum() == sum(lens)
+
+
+def test_pack_rows_rejects_rows_that_do_not_fit():
+    with pytest.raises(ValueError, match="row lengths must be in 1..4; got 1..5"):
+        pack_rows([1, 5], 4, 2)
+    with pytest.raises(ValueError, match="3 rows need 2 lines; got 1"):
+        pack_rows([4, 4, 1], 4, 1)
+
+
+@pytest.mark.parametrize("prefix, window", [((), None), ((5, 17, 33, 8), 16)])
+def test_packed_prefill_matches_padded_prefill(prefix, window):
+    config = dataclasses.replace(TINY_CONFIG, vocab_size=96, sliding_window=window)
+    params = init_params(config, jax.random.key(4))
+    rng = np.random.RandomState(0)
+    lens, t = [3, 1, 5, 2, 6, 4, 1, 2], 6
+    tokens = np.zeros((8, t), np.int32)
+    mask = np.zeros_like(tokens)
+    for row, n in enumerate(lens):
+        tokens[row, t - n :], mask[row, t - n :] = rng.randint(4, 96, size=n), 1
+    lines = packed_lines(lens, t)
+    assert lines == 2  # 24 tokens fill 2 lines of 12 slots instead of 8 rows of 6
+    fill = jax.jit(functools.partial(prefill, config=config, max_len=len(prefix) + t + 3))
+    step = jax.jit(functools.partial(decode_step, config=config))
+    prefix = jnp.asarray(prefix, jnp.int32) if prefix else None
+    want, want_cache = fill(params, tokens, mask, prefix_P=prefix)
+    got, cache = fill(params, tokens, mask, prefix_P=prefix, pack_GW=pack_rows(lens, t, lines))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_array_equal(cache.pos_BC, want_cache.pos_BC)
+    np.testing.assert_array_equal(cache.next_pos_B, want_cache.next_pos_B)
+    token = jnp.argmax(want, axis=-1).astype(jnp.int32)
+    for _ in range(3):  # the same continuation from either cache
+        want, want_cache = step(params, token, want_cache)
+        got, cache = step(params, token, cache)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        token = jnp.argmax(want, axis=-1).astype(jnp.int32)
+
+
+def test_packed_prefill_refuses_a_ring_buffer(tiny):
+    _, config, params = tiny  # sliding window 6
+    tokens = np.ones((4, 4), np.int32)
+    with pytest.raises(ValueError, match="packed prompts need a slot per token; max_len=8"):
+        prefill(params, tokens, tokens, config=config, max_len=8, pack_GW=np.zeros((1, 8), int))
+
+
+def test_packed_sampling_equals_padded_sampling():
+    config = dataclasses.replace(TINY_CONFIG, vocab_size=96, sliding_window=None)
+    params = init_params(config, jax.random.key(4))
+    rng = np.random.RandomState(5)
+    prompts = [list(rng.randint(4, 96, size=n)) for n in rng.randint(1, 17, size=16)]
+    opts = SamplingOptions(max_new_tokens=6, eos_ids=(3,), pad_id=0, num_samples=2, top_p=0.9)
+    common = dict(config=config, opts=opts, seed=1, iteration=0, batch_size=16, max_prompt_len=16)
+    padded = sample_prompts(params, prompts, list(range(16)), pack=False, **common)
+    packed = sample_prompts(params, prompts, list(range(16)), **common)
+    assert padded.shapes == {(16, 16, 0)} and packed.shapes == {(16, 16, 6)}
+    np.testing.assert_array_equal(packed.tokens, padded.tokens)
+    np.testing.assert_allclose(packed.logps, padded.logps, atol=1e-5)
