@@ -193,7 +193,8 @@ def sample_prompts(
             mask[row, t - lens[i] :] = 1
             ids[row] = prompt_ids[i]
         mask[len(idx) :, -1] = 1  # filler rows: one real token keeps them well defined
-        lines = packed_lines(mask.sum(axis=1), t) if pack else 0
+        own = mask.sum(axis=1)
+        lines = packed_lines(own, t) if pack else 0
         res = device_get(
             generate(
                 params,
@@ -203,7 +204,7 @@ def sample_prompts(
                 seed,
                 iteration,
                 prefix if p else None,  # replicated
-                device_put(pack_rows(mask.sum(axis=1), t, lines)) if lines else None,
+                device_put(pack_rows(own, t, lines)) if lines else None,
                 config=config,
                 opts=opts,
                 dtype=dtype,
