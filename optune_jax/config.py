@@ -22,10 +22,12 @@ from typing import Any
 
 import yaml
 
+from optune_jax.errors import RunError, describe_os_error
+
 DTYPES = ("float32", "bfloat16")
 
 
-class ConfigError(ValueError):
+class ConfigError(RunError):
     """A configuration that cannot be loaded; the message is one line naming the bad value."""
 
 
@@ -123,6 +125,9 @@ class OptuneSection:
 class RewardSection:
     name: str = "ifeval"  # checked against the reward registry by the loop
     path: str | None = None  # read only by name "model": a reward-model checkpoint directory
+    # subtracted from the reward of a training response cut at the budget without an EOS
+    # (TRL's missing_eos_penalty); held-out rewards are never penalised
+    missing_eos_penalty: float = _opt(0.0, range=NON_NEGATIVE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +149,9 @@ class TrainSection:
     epochs: int = _opt(1, range=POSITIVE)  # over D_t, per iteration
     batch_size: int = _opt(8, range=POSITIVE)  # pairs per optimizer step
     micro_batch_size: int = _opt(8, range=POSITIVE)  # pairs per forward/backward (accumulated)
+    # optimizer steps with a non-finite loss, gradient norm or update are skipped (the state is
+    # kept); this many in a row stop the run
+    max_skipped_steps: int = _opt(3, range=POSITIVE)
 
     def __post_init__(self):
         if self.micro_batch_size > 0 and self.batch_size % self.micro_batch_size:
@@ -157,6 +165,10 @@ class TrainSection:
 class EvalSection:
     max_new_tokens: int | None = _opt(None, range=POSITIVE)  # None: sampling.max_new_tokens
     batch_size: int | None = _opt(None, range=POSITIVE)  # None: sampling.batch_size
+    # drift from π_0 each evaluation: KL(π_t‖π_0) per token on exact samples of π_t, NLL under
+    # π_0 of π_t's greedy answers (one more greedy pass and one π_0 forward per evaluation)
+    drift: bool = True
+    examples: int = _opt(3, range=NON_NEGATIVE)  # greedy answers summary.md shows, before/after
 
 
 @dataclasses.dataclass(frozen=True)
@@ -412,6 +424,12 @@ def _apply_override(raw: dict, override: str) -> None:
     node[leaf] = value
 
 
+def _read_error(error: OSError | UnicodeDecodeError) -> str:
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start})"
+    return describe_os_error(error)
+
+
 def load_config(
     path: str | Path | None, overrides: Sequence[str] = (), *, schema: type = RunConfig
 ) -> Any:
@@ -422,16 +440,26 @@ def load_config(
       overrides: `section.key=value` strings applied after the file; value is YAML
         (`0.5`, `null`, `[a.jsonl, b.jsonl]`).
     Returns:
-      the frozen `schema` instance. Raises ConfigError (one line) for any invalid input.
+      the frozen `schema` instance. Raises ConfigError (one line) for any invalid input, an
+      unreadable file, or an empty one.
     """
     raw: Any = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        raw = _parse_yaml(path.read_text(), f"config file {path}")
-        if raw is None:  # an empty file
-            raw = {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read config file {path}: {_read_error(e)}") from None
+        raw = _parse_yaml(text, f"config file {path}")
+        if raw is None:  # empty, or only comments: most likely the wrong file or a lost edit
+            raise ConfigError(
+                f"config file {path} is empty; give at least one section (an empty mapping "
+                "`{}` runs every default)"
+            )
         if not isinstance(raw, dict):
             raise ConfigError(
                 f"config file {path} must hold a mapping of sections, got {type(raw).__name__}"

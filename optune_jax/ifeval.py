@@ -6,8 +6,11 @@ satisfies the constraint, otherwise a severity that grows with the size of the m
 to break ties, see below). Words are maximal runs of Unicode letters/digits, joined by inner
 apostrophes or hyphens ("don't", "well-known" are one word); word matching ignores case.
 
-An empty or whitespace-only response satisfies nothing (severity 1 for every family): without
-this rule it would pass "lowercase", "no commas" and "avoid words" vacuously.
+A response without a word (a run of letters/digits holding a letter), such as an empty one or
+lines of `* **`, satisfies nothing (severity 1 for every family): without this rule it would
+pass "lowercase", "no commas" and "avoid words" vacuously. For the same reason a bullet, a
+paragraph and a quoted span count only when they hold a word: lines of `* * *` or `* **` are no
+bullets, and `"..."` is no quoted answer.
 
 Families (params; satisfied when; severity s of a miss):
 - lowercase (-): no character is uppercase (str.isupper); s = uppercase / letters.
@@ -18,14 +21,15 @@ Families (params; satisfied when; severity s of a miss):
 - end_phrase (phrase): the response ends with the phrase (rule below); s = t / (t + len(phrase))
   for t characters after its last occurrence, 1 if it is absent.
 - bullets (n): exactly n lines start, after spaces or tabs, with "*" or "-" then a space and
-  text ("* a" and "- b" mix freely; "•", "1." and "**bold**" are not bullets);
+  text holding a word ("* a" and "- b" mix freely; "•", "1.", "**bold**" and "* **" are not
+  bullets);
   s = |count - n| / max(count, n).
 - no_commas (-): no "," (nor fullwidth "，"); s = c / (c + 1).
 - start_word (word): the first word is `word`; leading punctuation is ignored, so '"Sure, …'
   starts with "Sure"; s = p / (p + 1) for its first word position p, 1 if absent.
-- quotes (-): the stripped response starts with " or “ and ends with " or ”, with non-blank
-  text inside (inner quotes allowed); s = 0.5 if only one side is quoted, else 1.
-- paragraphs (n): exactly n non-blank blocks separated by blank (whitespace-only) lines;
+- quotes (-): the stripped response starts with " or “ and ends with " or ”, with a word
+  inside (inner quotes allowed); s = 0.5 if only one side is quoted, else 1.
+- paragraphs (n): exactly n blocks holding a word, separated by blank (whitespace-only) lines;
   s = |count - n| / max(count, n).
 
 End-phrase rule: trailing whitespace and a trailing run of sentence punctuation (. ! ?) are removed
@@ -40,7 +44,7 @@ k - m missed ones, cap = min(0.1, 0.9 / k):
 
 The tie-breaking term gives near misses partial credit below `cap` per missed constraint, at most
 0.1 in total; since cap * k < 1 it never lifts a response above one that satisfies more
-constraints. A reward of 1 means every constraint holds; an empty response scores 0.
+constraints. A reward of 1 means every constraint holds; a response without a word scores 0.
 
 Data (scripts/make_ifeval_data.py, seed 0): 640 train prompts over 106 base instructions and 160
 held-out prompts over 36 other ones, 1-3 constraints each (1301 and 321 constraints). Share of
@@ -59,7 +63,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 _WORD_RE = re.compile(r"[^\W_]+(?:['’\-][^\W_]+)*")
-_BULLET_RE = re.compile(r"^[ \t]*[*-][ \t]+\S", re.MULTILINE)
+_BULLET_RE = re.compile(r"^[ \t]*[*-][ \t]+(\S.*)$", re.MULTILINE)
 _PARAGRAPH_SPLIT_RE = re.compile(r"\n[ \t]*(?:\n[ \t]*)+")
 _END_PUNCT = ".!?"
 _COMMAS = (",", "，")
@@ -70,16 +74,21 @@ def split_words(text: str) -> list[str]:
     return _WORD_RE.findall(text)
 
 
+def has_words(text: str) -> bool:
+    """True when `text` holds a word with a letter (a bullet, paragraph or quote needs one)."""
+    return any(any(c.isalpha() for c in w) for w in split_words(text))
+
+
 def _folded_words(text: str) -> list[str]:
     return [w.casefold().replace("’", "'") for w in split_words(text)]
 
 
 def _blank_misses(fn: Callable[..., float]) -> Callable[..., float]:
-    """An empty or whitespace-only response misses every constraint with severity 1."""
+    """A response without a word (empty, blank, only marks) misses every constraint fully."""
 
     @functools.wraps(fn)
     def wrapped(text: str, **params) -> float:
-        return 1.0 if not text.strip() else fn(text, **params)
+        return fn(text, **params) if has_words(text) else 1.0
 
     return wrapped
 
@@ -142,8 +151,8 @@ def miss_end_phrase(text: str, phrase: str) -> float:
 
 
 def bullet_count(text: str) -> int:
-    """Lines that start (after spaces or tabs) with "*" or "-", then a space, then text."""
-    return len(_BULLET_RE.findall(text.replace("\r\n", "\n")))
+    """Lines that start (after spaces or tabs) with "*" or "-", a space, then text with a word."""
+    return sum(has_words(rest) for rest in _BULLET_RE.findall(text.replace("\r\n", "\n")))
 
 
 @_blank_misses
@@ -173,22 +182,22 @@ def miss_start_word(text: str, word: str) -> float:
 
 @_blank_misses
 def miss_quotes(text: str) -> float:
-    """0 if the stripped response is wrapped in double quotes around non-blank text.
+    """0 if the stripped response is wrapped in double quotes around text holding a word.
 
     Straight (") or curly (“ ”) quotes; 0.5 if only one side is quoted, else 1.
     """
     stripped = text.strip()
     opens = stripped[:1] in ('"', "“")
     closes = len(stripped) >= 2 and stripped[-1] in ('"', "”")
-    if opens and closes and stripped[1:-1].strip():
+    if opens and closes and has_words(stripped[1:-1]):
         return 0.0
     return 0.5 if opens != closes else 1.0
 
 
 def paragraph_count(text: str) -> int:
-    """Non-blank blocks of text separated by one or more blank (whitespace-only) lines."""
+    """Blocks holding a word, separated by one or more blank (whitespace-only) lines."""
     blocks = _PARAGRAPH_SPLIT_RE.split(text.replace("\r\n", "\n"))
-    return sum(1 for block in blocks if block.strip())
+    return sum(has_words(block) for block in blocks)
 
 
 @_blank_misses

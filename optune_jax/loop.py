@@ -10,14 +10,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import shutil
+import sys
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from tqdm.auto import tqdm
 
 from losses import get_loss
@@ -31,14 +30,17 @@ from models import (
 )
 from models.lora import LoraSpec, init_lora, lora_logical_axes, merge
 from optune_jax import data as data_lib
-from optune_jax import distributed, selection, sharding
+from optune_jax import distributed, drift, selection, sharding
 from optune_jax import rewards as rewards_lib
 from optune_jax.checkpoint import Checkpoints
 from optune_jax.config import RandomModel, RunConfig, config_to_dict
+from optune_jax.errors import RunError
 from optune_jax.metrics_log import MetricsLog
 from optune_jax.pairs import batches, layout, pair_arrays
+from optune_jax.run_dir import prepare_run_dir, replace_dir
 from optune_jax.train_step import (
     LossChoice,
+    NonFiniteGuard,
     PolicySpec,
     make_optimizer,
     response_logps,
@@ -48,14 +50,11 @@ from sampling import SamplingOptions, common_prefix, sample_prompts
 
 # Settings a resumed run may change; any other difference makes the checkpoint incompatible.
 RESUMABLE_CHANGES = (
-    "optune.iterations", "eval", "run.output_dir", "run.keep_checkpoints", "mesh", "distributed"
+    "optune.iterations", "eval", "run.output_dir", "run.keep_checkpoints", "mesh", "distributed",
+    "train.max_skipped_steps",
 )
 EVAL_SEED_OFFSET = 1_000_003  # held-out draws use their own stream, the same every iteration
 KL_METRICS = ("kl", "kl_surrogate")  # HyPO metrics averaged over sampled prompts
-
-
-class RunError(ValueError):
-    """A run that cannot start or resume as asked (one line for the CLI)."""
 
 
 @dataclasses.dataclass
@@ -118,17 +117,6 @@ def load_policy(cfg: RunConfig, mesh=None, rules=sharding.DEFAULT_RULES):
     return Policy(config, tokenizer, eos, int(tokenizer.pad_token_id)), params
 
 
-def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        name = f"{prefix}{k}"
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            keys += _diff_keys(a[k], b[k], name + ".")
-        elif a.get(k) != b.get(k):
-            keys.append(name)
-    return keys
-
-
 def _one_line(r: dict) -> str:
     nan = float("nan")
     return (
@@ -138,6 +126,11 @@ def _one_line(r: dict) -> str:
         f"({r['pairs_dropped_ties']} ties), "
         f"loss {r.get('train.loss', float('nan')):.4f} ({r['seconds.training']:.0f}s), "
         f"held-out reward {r['eval.reward']:.4f}, win score {r['eval.win_score']:.1f}"
+        + (
+            f", KL to π_0 {r['eval.kl_initial']:.3f}, NLL under π_0 {r['eval.nll_initial']:.2f}"
+            if "eval.kl_initial" in r
+            else ""
+        )
     )
 
 
@@ -188,7 +181,13 @@ class OptuneRun:
         share = common_prefix if cfg.sampling.share_prefix else lambda _: ()
         self.train_prefix, self.eval_prefix = share(self.train_prompts), share(self.eval_prompts)
         if distributed.is_primary():  # one process checks and writes the shared directory
-            self._prepare_output(resume, overwrite)
+            prepare_run_dir(
+                self.out,
+                config_to_dict(cfg),
+                resume=resume,
+                overwrite=overwrite,
+                resumable=RESUMABLE_CHANGES,
+            )
         distributed.barrier("output dir ready")
         self.loss = LossChoice.from_values(cfg.loss.name, dataclasses.asdict(cfg.loss))
         self.spec = PolicySpec(
@@ -215,8 +214,8 @@ class OptuneRun:
                 jax.device_get(trainable),
                 sharding.tree_shardings(trainable, specs, self.mesh, self.rules),
             )
-        self.initial_params = None
-        if cfg.optune.reference == "initial":  # π_0 waits on the host unless it is the base
+        self.initial_params = None  # π_0, for reference: initial and the drift metrics
+        if cfg.optune.reference == "initial" or cfg.eval.drift:  # on the host unless the base
             self.initial_params = self.frozen if self.lora else distributed.get(params)
         self.state, self.state_shardings = sharding.create_state(
             trainable, self.optimizer, self.mesh
@@ -229,46 +228,14 @@ class OptuneRun:
             prompts_regenerated=0, responses_generated=0, tokens_generated=0, generation_seconds=0.0
         )
         self.next_iteration = 0
+        self.guard = NonFiniteGuard(cfg.train.max_skipped_steps)
         self.ckpt = Checkpoints(self.out / "checkpoints", keep=cfg.run.keep_checkpoints)
-        if resume and self.ckpt.latest() is not None:
+        if resume:
             self._restore()
         self.log = MetricsLog(self.out, resume_after=self.next_iteration - 1)
         self._compile()
 
     # ------------------------------------------------------------------------ set-up
-    def _prepare_output(self, resume: bool, overwrite: bool):
-        resolved = config_to_dict(self.cfg)
-        stored = self.out / "config.yaml"
-        if stored.exists():
-            if overwrite:
-                shutil.rmtree(self.out)
-            elif resume:
-                old = yaml.safe_load(stored.read_text())
-                diff = [
-                    k
-                    for k in _diff_keys(old, resolved)
-                    if not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)
-                ]
-                if diff:
-                    raise RunError(
-                        f"cannot resume {self.out}: its checkpoint was made with a "
-                        f"different config ({', '.join(diff)}); use --overwrite"
-                    )
-            else:
-                raise RunError(
-                    f"{self.out} already holds a run; pass --resume to continue it "
-                    "or --overwrite to replace it"
-                )
-        elif self.out.exists() and any(self.out.iterdir()) and not overwrite:
-            raise RunError(
-                f"{self.out} exists and is not an optune-jax run directory; "
-                "choose another run.output_dir or pass --overwrite"
-            )
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = stored.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
-        tmp.replace(stored)
-
     def _load_prompts(self):
         d = self.cfg.data
         if self.cfg.run.mode == "optune" or not d.offline_files:
@@ -346,16 +313,18 @@ class OptuneRun:
         )
         self._merge = jax.jit(functools.partial(merge, spec=self.lora)) if self.lora else None
         # shardings follow the (sharded) parameters; logps come back to every host
-        self._logps = jax.jit(
-            sharding.with_rules(
-                functools.partial(
-                    response_logps, policy=self.spec, prompt_len=self.cfg.data.max_prompt_tokens
-                ),
-                mesh,
-                rules,
-            ),
-            out_shardings=sharding.replicated(mesh),
-        )
+        def logps_fn(spec):
+            fn = functools.partial(
+                response_logps, policy=spec, prompt_len=self.cfg.data.max_prompt_tokens
+            )
+            return jax.jit(
+                sharding.with_rules(fn, mesh, rules), out_shardings=sharding.replicated(mesh)
+            )
+
+        self._logps = logps_fn(self.spec)
+        # the drift metrics need sums over tokens, whatever the loss averages
+        summed = dataclasses.replace(self.spec, average_logps=False)
+        self._sum_logps = self._logps if summed == self.spec else logps_fn(summed)
         self._ref_rows = 2 * t.micro_batch_size
         self._rows_sharding = sharding.batch_sharding(mesh, rules, self._ref_rows)
 
@@ -376,10 +345,16 @@ class OptuneRun:
         )
 
     def _restore(self):
-        step = self.ckpt.latest()
-        self.state, host, meta = self.ckpt.restore(
-            step, state_like=self.state, host_like=self._host_state()
-        )
+        """Continues from the newest good checkpoint (damaged ones are set aside, with a line
+        on stderr saying which and why); without one the run starts afresh."""
+        found = self.ckpt.restore_newest(state_like=self.state, host_like=self._host_state())
+        distributed.barrier("checkpoints verified")
+        if found.note and distributed.is_primary():
+            tqdm.write(f"warning: {found.note}", file=sys.stderr)
+        if found.step is None:
+            return
+        self.state, host, meta = found.state, found.host, found.meta
+        self.guard.in_a_row = meta.get("skipped_in_a_row", 0)
         self.pool = selection.PromptPool(
             np.asarray(host["tokens"]),
             np.asarray(host["lengths"]),
@@ -393,8 +368,21 @@ class OptuneRun:
 
     # ------------------------------------------------------------------------ phases
     def _sample(
-        self, params, prompts, ids, *, seed, iteration, num_samples, max_new, batch, desc, prefix
+        self,
+        params,
+        prompts,
+        ids,
+        *,
+        seed,
+        iteration,
+        num_samples,
+        max_new,
+        batch,
+        desc,
+        prefix,
+        **override,
     ):
+        """Samples with the `sampling.*` settings; `override` replaces SamplingOptions fields."""
         s = self.cfg.sampling
         opts = SamplingOptions(
             max_new_tokens=max_new,
@@ -405,6 +393,7 @@ class OptuneRun:
             top_p=s.top_p,
             top_k=s.top_k,
         )
+        opts = dataclasses.replace(opts, **override)
         put = lambda x: distributed.put(x, sharding.batch_sharding(self.mesh, self.rules, len(x)))
         with tqdm(
             total=len(prompts), desc=desc, unit="prompt", disable=not self.progress, leave=False
@@ -439,9 +428,18 @@ class OptuneRun:
         scores = rewards_lib.score(self.cfg.reward.name, rows, texts, fn=self.reward_fn)
         return scores.reshape(n, s)
 
-    def _evaluate(self, params):
+    def _evaluate(self, params, *, initial: bool = False) -> tuple[np.ndarray, dict]:
+        """Held-out rewards [N] and the evaluation's record (SPEC §6, drift from π_0).
+
+        Rewards, length and EOS rate come from one sample per prompt with the `sampling.*`
+        settings. With `eval.drift`: KL(π_t‖π_0) per token on exact samples of π_t (these same
+        samples when the settings are exact, else a draw at temperature 1 without truncation;
+        0 by definition for π_0 itself), and π_t's greedy answers: their NLL under π_0, EOS
+        rate and length, and the first `eval.examples` of them as text.
+        """
         e, s = self.cfg.eval, self.cfg.sampling
-        gen = self._sample(
+        draw = functools.partial(
+            self._sample,
             params,
             self.eval_prompts,
             np.arange(len(self.eval_prompts)),
@@ -450,17 +448,58 @@ class OptuneRun:
             num_samples=1,
             max_new=e.max_new_tokens or s.max_new_tokens,
             batch=e.batch_size or s.batch_size,
-            desc="evaluate",
             prefix=self.eval_prefix,
         )
-        return self._score(self.eval_rows, gen.tokens, gen.lengths)[:, 0], gen
+        gen = draw(desc="evaluate")
+        rewards = self._score(self.eval_rows, gen.tokens, gen.lengths)[:, 0]
+        record = {
+            "eval.reward": float(np.mean(rewards)),
+            "eval.eos_rate": float(np.mean(gen.finished)),
+            "eval.response_tokens": float(np.mean(gen.lengths)),
+        }
+        if not e.drift:
+            return rewards, record
+        exact = s.temperature == 1.0 and s.top_p == 1.0 and not s.top_k
+        samples = gen
+        if not (exact or initial):  # an unbiased KL estimate needs untruncated samples of π_t
+            samples = draw(desc="evaluate: KL samples", iteration=1, top_p=1.0, top_k=0,
+                           temperature=1.0)
+        greedy = draw(desc="evaluate: greedy", greedy=True)
+        rows = layout(  # samples and greedy answers side by side: one π_0 pass for both
+            self.eval_prompts,
+            np.concatenate([samples.tokens, greedy.tokens], axis=1),
+            np.concatenate([samples.lengths, greedy.lengths], axis=1),
+            prompt_len=self.cfg.data.max_prompt_tokens,
+            pad_id=self.policy.pad_id,
+        )
+        logp0 = self._reference_logps(self.initial_params, *rows.values(), fn=self._sum_logps)
+        logp_t = samples.logps.sum(-1)[:, 0]  # the sampler's logps: π_t's own when exact
+        kl = 0.0 if initial else drift.kl_per_token(logp_t, logp0[:, 0], samples.lengths[:, 0])
+        k = min(e.examples, len(self.eval_prompts))
+        answers = self._texts(greedy.tokens[:k, 0], greedy.lengths[:k, 0])
+        column = self.cfg.data.prompt_column
+        record.update({
+            "eval.kl_initial": kl,
+            "eval.nll_initial": drift.nll_per_token(logp0[:, 1], greedy.lengths[:, 0]),
+            "eval.greedy_eos_rate": float(np.mean(greedy.finished)),
+            "eval.greedy_tokens": float(np.mean(greedy.lengths)),
+            "eval.examples": [
+                {"prompt": r[column], "answer": a}
+                for r, a in zip(self.eval_rows[:k], answers, strict=True)
+            ],
+        })
+        return rewards, record
 
-    def _reference_logps(self, params, tokens_NST, attn_NST, resp_NST):
-        """Sequence logps [N, S] of every row, in fixed-size chunks (one compiled program)."""
+    def _reference_logps(self, params, tokens_NST, attn_NST, resp_NST, *, fn=None):
+        """Sequence logps [N, S] of every row, in fixed-size chunks (one compiled program).
+
+        `fn`: the jitted logp function (default: the loss's, per-token mean or sum).
+        """
+        fn = fn or self._logps
         if not isinstance(jax.tree.leaves(params)[0], jax.Array):  # π_0 from the host
             params = distributed.put(params, self.param_shardings)
         n, s = tokens_NST.shape[:2]
-        flat = [x.reshape(n * s, -1) for x in (tokens_NST, attn_NST, resp_NST)]
+        flat = [x.reshape(n * s, x.shape[-1]) for x in (tokens_NST, attn_NST, resp_NST)]
         rows = self._ref_rows
         out = np.zeros((n * s,), np.float32)
         for start in range(0, n * s, rows):
@@ -469,7 +508,7 @@ class OptuneRun:
             if m < rows:
                 chunk = [np.concatenate([x, np.repeat(x[:1], rows - m, 0)]) for x in chunk]
             chunk = distributed.put(chunk, self._rows_sharding)
-            out[start : start + m] = np.asarray(self._logps(params, *chunk))[:m]
+            out[start : start + m] = np.asarray(fn(params, *chunk))[:m]
         return out.reshape(n, s)
 
     def _collect(self, t: int, pi_t, timers, *, regenerate: bool) -> tuple[dict, dict]:
@@ -506,6 +545,8 @@ class OptuneRun:
         new_rewards = np.zeros((0, 2), np.float32)
         if len(idx):
             new_rewards = self._score([self.train_rows[i] for i in idx], gen.tokens, gen.lengths)
+            # TRL's missing_eos_penalty: a response cut at the budget loses this much reward
+            new_rewards -= cfg.reward.missing_eos_penalty * ~gen.finished
         timers["reward"] = clock() - start
         # 4-6. assemble D_t, choose winners, drop ties; the pool's rewards are the next ranking
         self.pool = selection.update_pool(self.pool, idx, gen.tokens, gen.lengths, new_rewards, t)
@@ -556,7 +597,7 @@ class OptuneRun:
             arrays, record = self._collect(t, pi_t, timers, regenerate=fresh)
         # 7a. reference logps of every pair, new and kept, in one pass (SPEC §3)
         start = clock()
-        ref_params = pi_t if self.initial_params is None else self.initial_params
+        ref_params = self.initial_params if cfg.optune.reference == "initial" else pi_t
         arrays["ref_logps_K2"] = self._reference_logps(
             ref_params, arrays["tokens_K2T"], arrays["attn_K2T"], arrays["resp_K2T"]
         )
@@ -574,7 +615,7 @@ class OptuneRun:
             record[key] += online[key]
         # evaluate π_{t+1} on held-out prompts (SPEC §6)
         start = clock()
-        eval_rewards, _ = self._evaluate(self.policy_params())
+        eval_rewards, eval_record = self._evaluate(self.policy_params())
         timers["evaluation"] = clock() - start
         wins = int(np.sum(eval_rewards > self.initial_eval))
         losses_ = int(np.sum(eval_rewards < self.initial_eval))
@@ -583,7 +624,7 @@ class OptuneRun:
             **record,
             **{f"seconds.{k}": v for k, v in timers.items()},
             **{f"train.{k}": v for k, v in train_metrics.items()},
-            "eval.reward": float(np.mean(eval_rewards)),
+            **eval_record,
             "eval.win_score": 50.0 + 100.0 * (wins - losses_) / len(eval_rewards),
             **{f"total.{k}": v for k, v in self.totals.items()},
         }
@@ -627,9 +668,19 @@ class OptuneRun:
         k = len(arrays["pair_mask_K"])
         sums: dict[str, float] = {}
         online = dict(prompts_regenerated=0, responses_generated=0, tokens_generated=0, seconds=0.0)
-        steps, first = 0, None
+        steps, first, skipped = 0, None, 0
+        total = cfg.epochs * math.ceil(k / cfg.batch_size)
+
+        def fetch(metrics, step: int) -> None:  # counted, or skipped as non-finite
+            nonlocal skipped
+            metrics = jax.device_get(metrics)
+            if self.guard.counts(metrics, where=f"iteration {t}, step {step} of {total}"):
+                self._add(sums, {key: v for key, v in metrics.items() if key != "skipped"})
+            else:
+                skipped += 1
+
         with tqdm(
-            total=cfg.epochs * math.ceil(k / cfg.batch_size),
+            total=total,
             desc=f"iter {t} train",
             unit="step",
             disable=not self.progress,
@@ -659,12 +710,12 @@ class OptuneRun:
                     batch = distributed.put(batch, self._batch_sharding)
                     self.state, metrics = self._step(self.state, batch, self.frozen)
                     if pending is not None:  # fetch step N's metrics after N+1 is dispatched
-                        self._add(sums, jax.device_get(pending))
+                        fetch(pending, steps)
                     pending, steps = metrics, steps + 1
                     first = metrics if first is None else first
                     bar.update()
             if pending is not None:
-                self._add(sums, jax.device_get(pending))
+                fetch(pending, steps)
         pairs = max(sums.get("num_pairs", 0.0), 1.0)
         prompts = max(sums.get("num_prompts", 0.0), 1.0)
         out = {
@@ -673,8 +724,10 @@ class OptuneRun:
             if key not in ("num_pairs", "num_prompts", "grad_norm")
         }
         out["steps"] = steps
+        out["skipped_steps"] = skipped  # non-finite: the state was left as it was
         out["pairs_trained"] = sums.get("num_pairs", 0.0)
-        out["grad_norm"] = sums.get("grad_norm", 0.0) / max(steps, 1)
+        counted = steps - skipped  # no counted step, no norm (null in metrics.jsonl)
+        out["grad_norm"] = sums["grad_norm"] / counted if counted else float("nan")
         # the first step of a phase: with reference π_t, margins (and the KL) are exactly 0
         first = jax.device_get(first) if first is not None else {}
         out.update({f"first.{m}": float(first[m]) for m in ("margin", "kl") if m in first})
@@ -701,11 +754,11 @@ class OptuneRun:
         cfg = self.cfg
         if self.next_iteration == 0:
             start = time.perf_counter()
-            self.initial_eval, _ = self._evaluate(self.policy_params())
+            self.initial_eval, record = self._evaluate(self.policy_params(), initial=True)
             self.log.write(
                 {
                     "iteration": -1,
-                    "eval.reward": float(np.mean(self.initial_eval)),
+                    **record,
                     "eval.win_score": 50.0,
                     "seconds.evaluation": time.perf_counter() - start,
                     **{f"data.train_{k}": v for k, v in self.train_stats.items()},
@@ -721,25 +774,49 @@ class OptuneRun:
             total=cfg.optune.iterations,
         ):
             record = self.iteration(t)
-            self.next_iteration = t + 1
+            # the line before the checkpoint: a stop between them leaves a line past the newest
+            # checkpoint, which a resume drops and writes again (the other order loses it)
+            self.log.write(record)
             self.ckpt.save(
                 t,
                 state=self.state,
                 host=self._host_state(),
-                meta=dict(next_iteration=t + 1, totals=self.totals, config=config_to_dict(cfg)),
+                meta=dict(
+                    next_iteration=t + 1,
+                    totals=self.totals,
+                    skipped_in_a_row=self.guard.in_a_row,
+                    config=config_to_dict(cfg),
+                ),
             )
-            self.log.write(record)
+            self.next_iteration = t + 1
             tqdm.write(_one_line(record))
         return self.log.read()
 
     def export(self) -> Path:
+        """The policy as a transformers checkpoint in `output_dir/model`, written beside it and
+        renamed when complete; refused (RunError) for non-finite parameters."""
         params = distributed.get(self.policy_params())  # every process joins the gather
+        out = self.out / "model"
         if distributed.is_primary():
-            export_hf_checkpoint(
-                params, self.policy.config, self.out / "model", tokenizer=self.policy.tokenizer
+            if not all(np.isfinite(x).all() for x in jax.tree.leaves(params)):
+                raise RunError(f"not exporting {out}: the parameters hold NaN or infinite values")
+            replace_dir(
+                out,
+                lambda path: export_hf_checkpoint(
+                    params, self.policy.config, path, tokenizer=self.policy.tokenizer
+                ),
             )
         distributed.barrier("exported")
-        return self.out / "model"
+        return out
+
+    def describe_data(self) -> str:
+        """One line for the console: the prompts used, and why any were dropped or cut."""
+        d = self.cfg.data
+        line = functools.partial(data_lib.describe_prompts, max_tokens=d.max_prompt_tokens)
+        return (
+            f"prompts: training {line(self.train_stats)}, held-out {line(self.eval_stats)} "
+            f"(data.max_prompt_tokens={d.max_prompt_tokens}, data.overlong={d.overlong})"
+        )
 
     def close(self):
         self.log.close()

@@ -2,7 +2,9 @@
 
 Groups runs by (ρ, selection) over seeds and draws, as the OPTune paper does: held-out reward
 by iteration (Fig. 3), held-out reward against cumulative generation seconds (Fig. 5), and the
-time split per phase against the paper's Table 1. Writes PNGs and `report.md`.
+time split per phase against the paper's Table 1. Runs that measured drift (`eval.drift`) also
+get the reward–KL frontier (held-out reward against KL(π_t‖π_0) per token, one point per
+iteration, one line per run; the DPO paper's Fig. 2). Writes PNGs and `report.md`.
 """
 
 from __future__ import annotations
@@ -113,7 +115,44 @@ def plot(groups, out: Path) -> list[str]:
     fig.tight_layout()
     fig.savefig(out / "phases.png", dpi=120)
     files.append("phases.png")
+    if frontier(groups, out / "frontier.png"):
+        files.append("frontier.png")
     return files
+
+
+def frontier_points(run: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """(KL to π_0 per token, held-out reward) before training and after each iteration."""
+    records = [run["initial"], *run["iters"]]
+    if any(r.get("eval.kl_initial") is None for r in records):
+        return None
+    return (np.array([r["eval.kl_initial"] for r in records]),
+            np.array([r["eval.reward"] for r in records]))
+
+
+def frontier(groups, path: Path) -> bool:
+    """The reward–KL frontier plot; False (nothing drawn) when no run measured drift."""
+    import matplotlib.pyplot as plt
+
+    names, drawn = _labels(groups), False
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for key, runs in groups.items():
+        for run in runs:
+            points = frontier_points(run)
+            if points is None:
+                continue
+            seed = f", seed {run['seed']}" if len(runs) > 1 else ""
+            ax.plot(*points, marker="o", label=f"{names[key]}{seed}")
+            ax.annotate("π_0", (points[0][0], points[1][0]), fontsize=7)
+            drawn = True
+    if drawn:
+        ax.set(xlabel="KL(π_t ‖ π_0) per token, nats (held-out samples)",
+               ylabel="held-out reward", title="reward–KL frontier (one point per iteration)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return drawn
 
 
 def table(groups) -> str:
@@ -125,6 +164,10 @@ def table(groups) -> str:
              "prompts regenerated | tokens generated | generation s | iteration s | "
              "speed-up vs ρ=1 |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    drift = all(frontier_points(r) is not None for runs in groups.values() for r in runs)
+    if drift:  # the final policy's distance from π_0 (eval.drift)
+        lines[0] += " KL to π_0 | NLL under π_0 (greedy): initial → final | EOS rate |"
+        lines[1] += " --- | --- | --- |"
     for key, runs in groups.items():
         final = curves(runs, "eval.reward")[:, -1]
         init = curves(runs, "eval.reward")[:, 0].mean()
@@ -138,6 +181,11 @@ def table(groups) -> str:
         lines.append(f"| {names[key]} | {len(runs)} | {init:.4f} → {final.mean():.4f} ± "
                      f"{final.std():.4f} | {win:.1f} | {regen:.0f} | {tokens:.0f} | {gen:.1f} | "
                      f"{secs:.1f} | {speed} |")
+        if drift:
+            nll = curves(runs, "eval.nll_initial")
+            lines[-1] += (f" {curves(runs, 'eval.kl_initial')[:, -1].mean():.3f} |"
+                          f" {nll[:, 0].mean():.2f} → {nll[:, -1].mean():.2f} |"
+                          f" {curves(runs, 'eval.eos_rate')[:, -1].mean():.0%} |")
     split = ["", "| phase | paper Table 1 | " + " | ".join(names[k] for k in groups) + " |",
              "| --- | --- | " + " | ".join("---" for _ in groups) + " |"]
     for phase in PHASES:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from optune_jax.errors import RunError
 from optune_jax.ifeval import ifeval_reward
 
 RewardFn = Callable[[Sequence[dict], Sequence[str]], np.ndarray]
@@ -22,7 +23,7 @@ RewardFn = Callable[[Sequence[dict], Sequence[str]], np.ndarray]
 _VOWELS = frozenset("aeiou")
 
 
-class RewardError(ValueError):
+class RewardError(RunError):
     """A reward returned something that cannot be trained on (NaN, inf, wrong shape or type)."""
 
 

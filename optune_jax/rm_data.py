@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from optune_jax.data import DataError, _load_one
+from optune_jax.data import DataError, read_table
 from sampling.batching import bucket, length_buckets
 
 Messages = list[dict[str, str]]
@@ -65,23 +65,23 @@ def load_preference_pairs(
 ) -> list[tuple[Messages, Messages]]:
     """(chosen conversation, rejected conversation) of every row of `files`, in order.
 
-    Raises DataError (one line) for an unreadable file, a missing column, or a value that is
-    neither text nor a list of messages.
+    Raises DataError (one line, naming the file and the 1-based line or row) for an
+    unreadable file, a missing column, or a value that is neither text nor a list of messages.
     """
     if isinstance(files, str):
         files = [files]
     pairs = []
     for name in files:
-        dataset = _load_one(name)
-        have = dataset.column_names
+        table = read_table(name)
+        have = table.columns
         for column in (columns.chosen, columns.rejected):
             if column not in have:
                 raise DataError(
                     f"preference file {name} has no column {column!r}; columns: "
                     f"{', '.join(have) or '(none)'}"
                 )
-        for i, row in enumerate(dataset.to_list()):
-            where = f"row {i} of {name}"
+        for i, row in enumerate(table.rows):
+            where = table.where(i)
             texts = [isinstance(row[c], str) for c in (columns.chosen, columns.rejected)]
             prompt: Messages = []
             if columns.prompt in have and row[columns.prompt] is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -47,10 +48,10 @@ from optune_jax.rm_data import (
     pair_batch,
     score_all,
 )
-from optune_jax.run_dir import prepare_run_dir
-from optune_jax.train_step import TrainState, accumulated_step, make_optimizer
+from optune_jax.run_dir import prepare_run_dir, replace_dir
+from optune_jax.train_step import NonFiniteGuard, TrainState, accumulated_step, make_optimizer
 
-RESUMABLE_CHANGES = ("run.output_dir", "run.keep_checkpoints", "mesh")
+RESUMABLE_CHANGES = ("run.output_dir", "run.keep_checkpoints", "mesh", "train.max_skipped_steps")
 
 
 # ----------------------------------------------------------------------------------- config
@@ -160,13 +161,17 @@ class RewardModelRun:
         params = place(jax.device_get(params), self.config, self.mesh, self.rules)
         self.state, state_shardings = sharding.create_state(params, self.optimizer, self.mesh)
         self.next_epoch = 0
+        self.guard = NonFiniteGuard(t.max_skipped_steps)
         self.ckpt = Checkpoints(self.out / "checkpoints", keep=cfg.run.keep_checkpoints)
-        if resume and self.ckpt.latest() is not None:
-            step = self.ckpt.latest()
-            self.state, _, meta = self.ckpt.restore(
-                step, state_like=self.state, host_like={"epoch": np.zeros((), np.int32)}
+        if resume:  # from the newest good checkpoint; damaged ones are set aside and named
+            found = self.ckpt.restore_newest(
+                state_like=self.state, host_like={"epoch": np.zeros((), np.int32)}
             )
-            self.next_epoch = meta["next_epoch"]
+            if found.note:
+                tqdm.write(f"warning: {found.note}", file=sys.stderr)
+            if found.step is not None:
+                self.state, self.next_epoch = found.state, found.meta["next_epoch"]
+                self.guard.in_a_row = found.meta.get("skipped_in_a_row", 0)
         self.log = MetricsLog(self.out, resume_after=self.next_epoch - 1)
         step = functools.partial(
             rm_train_step,
@@ -217,10 +222,15 @@ class RewardModelRun:
         t, d = self.cfg.train, self.cfg.data
         n = len(self.train[0])
         order = np.random.default_rng([self.cfg.run.seed, epoch]).permutation(n)
-        sums, steps, pending = {}, 0, None
+        sums, steps, skipped, pending = {}, 0, 0, None
+        total = math.ceil(n / t.batch_size)
 
-        def add(metrics):
+        def add(metrics, step: int):  # counted, or skipped as non-finite
+            nonlocal skipped
             metrics = jax.device_get(metrics)
+            if not self.guard.counts(metrics, where=f"epoch {epoch}, step {step} of {total}"):
+                skipped += 1
+                return
             w = float(metrics["num_pairs"])
             for key in ("loss", "accuracy", "margin"):
                 sums[key] = sums.get(key, 0.0) + w * float(metrics[key])
@@ -244,12 +254,16 @@ class RewardModelRun:
             )
             self.state, metrics = self._step(self.state, batch, None)
             if pending is not None:  # fetch step N's metrics after step N+1 is dispatched
-                add(pending)
+                add(pending, steps)
             pending, steps = metrics, steps + 1
-        add(pending)
-        pairs = max(sums.pop("pairs"), 1.0)
+        add(pending, steps)
+        pairs, nan = max(sums.pop("pairs", 0.0), 1.0), float("nan")
         out = {f"train.{k}": v / pairs for k, v in sums.items() if k != "grad_norm"}
-        return out | {"train.grad_norm": sums["grad_norm"] / steps, "train.steps": steps}
+        return out | {
+            "train.grad_norm": sums["grad_norm"] / (steps - skipped) if steps > skipped else nan,
+            "train.steps": steps,
+            "train.skipped_steps": skipped,  # non-finite: the state was left as it was
+        }
 
     def run(self) -> list[dict]:
         """Trains the remaining epochs; returns every metrics record (iteration -1: before)."""
@@ -277,28 +291,34 @@ class RewardModelRun:
             start = time.perf_counter()
             record |= self.evaluate()
             record["seconds.evaluation"] = time.perf_counter() - start
-            self.next_epoch = epoch + 1
+            record = {"iteration": epoch, **record}  # MetricsLog's step key: here the epoch
+            self.log.write(record)  # before the checkpoint, as in the OPTune loop
             self.ckpt.save(
                 epoch,
                 state=self.state,
                 host={"epoch": np.int32(epoch + 1)},
-                meta={"next_epoch": epoch + 1, "config": config_to_dict(self.cfg)},
+                meta={
+                    "next_epoch": epoch + 1,
+                    "skipped_in_a_row": self.guard.in_a_row,
+                    "config": config_to_dict(self.cfg),
+                },
             )
-            record = {"iteration": epoch, **record}  # MetricsLog's step key: here the epoch
-            self.log.write(record)
+            self.next_epoch = epoch + 1
+            nan = float("nan")  # every step of the epoch skipped: no training loss
             tqdm.write(
-                f"epoch {epoch}: train loss {record['train.loss']:.4f} acc "
-                f"{record['train.accuracy']:.3f}, held-out loss {record['eval.loss']:.4f} "
+                f"epoch {epoch}: train loss {record.get('train.loss', nan):.4f} acc "
+                f"{record.get('train.accuracy', nan):.3f}, held-out loss {record['eval.loss']:.4f} "
                 f"acc {record['eval.accuracy']:.3f} ({record['seconds.training']:.0f}s)"
             )
         return self.log.read()
 
     def export(self) -> Path:
-        return export_reward_checkpoint(
-            jax.device_get(self.state.params),
-            self.config,
+        params = jax.device_get(self.state.params)
+        return replace_dir(
             self.out / "model",
-            tokenizer=self.tokenizer,
+            lambda path: export_reward_checkpoint(
+                params, self.config, path, tokenizer=self.tokenizer
+            ),
         )
 
     def close(self):

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import yaml
 
+from optune_jax.errors import RunError, file_error, one_line
+
 CONFIG_FILE = "config.yaml"
-
-
-class RunError(ValueError):
-    """A run that cannot start or resume as asked (one line for the CLI)."""
 
 
 def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -27,6 +25,22 @@ def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def replace_dir(target: Path, write: Callable[[Path], object]) -> Path:
+    """`write(partial)` into a sibling `<target>.partial`, renamed to `target` when complete (an
+    earlier `target` is replaced): a failure leaves no half-written `target`. File system
+    errors are RunErrors naming `target` and the cause."""
+    partial = target.with_name(target.name + ".partial")
+    try:
+        shutil.rmtree(partial, ignore_errors=True)
+        write(partial)
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+    except OSError as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise file_error("write", target, e, creating=True) from None
+    return target
+
+
 def prepare_run_dir(
     out: Path, resolved: dict, *, resume: bool, overwrite: bool, resumable: Sequence[str] = ()
 ) -> None:
@@ -34,14 +48,29 @@ def prepare_run_dir(
 
     A directory holding a run is refused unless `overwrite` (deleted) or `resume` (its stored
     config may differ from `resolved` only in the `resumable` keys or sections); any other
-    non-empty directory is refused unless `overwrite`.
+    non-empty directory is refused unless `overwrite`. Raises RunError (one line), also for
+    any file system error (a file on the way, permissions, no space).
     """
+    try:
+        _prepare(out, resolved, resume=resume, overwrite=overwrite, resumable=resumable)
+    except OSError as e:
+        raise file_error("use the output directory", out, e, creating=True) from None
+
+
+def _prepare(out: Path, resolved: dict, *, resume, overwrite, resumable) -> None:
+    if out.exists() and not out.is_dir():  # never deleted, not even to overwrite
+        raise RunError(f"cannot use the output directory {out}: it is a file")
     stored = out / CONFIG_FILE
     if stored.exists():
         if overwrite:
             shutil.rmtree(out)
         elif resume:
-            old = yaml.safe_load(stored.read_text())
+            try:
+                old = yaml.safe_load(stored.read_text())
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise RunError(f"cannot resume {out}: {stored} is damaged: {one_line(e)}") from None
+            if not isinstance(old, dict):
+                raise RunError(f"cannot resume {out}: {stored} holds no config")
             diff = [
                 k
                 for k in diff_keys(old, resolved)
@@ -50,17 +79,14 @@ def prepare_run_dir(
             if diff:
                 raise RunError(
                     f"cannot resume {out}: its checkpoint was made with a different config "
-                    f"({', '.join(diff)}); use --overwrite"
+                    f"({', '.join(diff)}); choose another output directory or overwrite it"
                 )
         else:
-            raise RunError(
-                f"{out} already holds a run; pass --resume to continue it "
-                "or --overwrite to replace it"
-            )
+            raise RunError(f"{out} already holds a run; resume it or overwrite it")
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise RunError(
             f"{out} exists and is not an optune-jax run directory; "
-            "choose another run.output_dir or pass --overwrite"
+            "choose another run.output_dir or overwrite it"
         )
     out.mkdir(parents=True, exist_ok=True)
     tmp = stored.with_suffix(".tmp")

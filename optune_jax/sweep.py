@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from optune_jax.config import ConfigError, load_config
+from optune_jax.errors import RunError
 
 
 def variant_name(rho: float, selection: str, seed: int) -> str:
@@ -57,14 +58,18 @@ def main(argv=None) -> int:
             print(f"[{i + 1}/{len(todo)}] {name}: done, skipped")
             continue
         print(f"[{i + 1}/{len(todo)}] {name}")
-        run = OptuneRun(cfg, resume=(out / "config.yaml").exists(), progress=not args.no_progress)
-        try:
-            records = run.run()
-        finally:
-            run.close()
-        from optune_jax.train import summary_table
+        from optune_jax.train import report_error, summary_table, write_summary
 
-        (out / "summary.md").write_text(summary_table(records) + "\n")
+        try:
+            run = OptuneRun(
+                cfg, resume=(out / "config.yaml").exists(), progress=not args.no_progress
+            )
+            try:
+                write_summary(out, summary_table(run.run()))
+            finally:
+                run.close()
+        except (RunError, OSError) as e:  # one line naming the variant's problem, exit code 2
+            return report_error(e)
     print(f"report: python -m optune_jax.report {args.out}/*")
     return 0
 

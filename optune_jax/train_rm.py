@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from optune_jax.config import ConfigError, load_config
-from optune_jax.train import make_parser
+from optune_jax.config import load_config
+from optune_jax.errors import RunError
+from optune_jax.train import make_parser, report_error, write_summary
 
 
 def summary_table(records: list[dict]) -> str:
@@ -35,15 +36,16 @@ def main(argv=None) -> int:
         run = RewardModelRun(
             cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
         )
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as e:  # RunError (config, data, output directory) among them
+        return report_error(e)
     try:
         table = summary_table(run.run())
-        (run.out / "summary.md").write_text(table + "\n")
+        write_summary(run.out, table)
         print(table)
         if not args.no_export:
             print(f"exported transformers reward model: {run.export()}")
+    except (RunError, OSError) as e:  # what a user can fix: one line, exit code 2
+        return report_error(e)
     finally:
         run.close()
     return 0

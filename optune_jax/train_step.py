@@ -11,6 +11,7 @@ A pair batch holds, for each pair m of each micro-batch a, chosen (index 0) and 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -21,6 +22,7 @@ from flax import struct
 from losses import get_loss, sequence_logps
 from models import ModelConfig, forward
 from models.lora import LoraSpec, merge
+from optune_jax.errors import RunError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +162,8 @@ def accumulated_step(state: TrainState, batch: dict, loss_fn, *, optimizer):
     the leading A axis removed (names `*_AM*` become `*_M*`). Each micro-batch's mean loss is
     weighted by its share of the counted pairs (`pair_mask_AM`), so the step equals one step on
     the whole batch. Returns (new state, metrics averaged the same way, plus num_pairs and
-    grad_norm).
+    grad_norm, and skipped: 1.0 when the step was non-finite and the state is returned
+    unchanged).
     """
     counts_A = jnp.sum(batch["pair_mask_AM"], axis=1).astype(jnp.float32)
     share_A = counts_A / jnp.maximum(jnp.sum(counts_A), 1.0)
@@ -187,7 +190,50 @@ def accumulated_step(state: TrainState, batch: dict, loss_fn, *, optimizer):
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
-    return TrainState(state.step + 1, params, opt_state), metrics
+    # a non-finite loss, gradient norm or update (its norm overflowing float32 too) leaves the
+    # state as it was; the host counts these steps (NonFiniteGuard) and stops a run of them
+    ok = (
+        jnp.isfinite(metrics["loss"])
+        & jnp.isfinite(metrics["grad_norm"])
+        & jnp.isfinite(optax.global_norm(updates))
+    )
+    metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
+    new = TrainState(state.step + 1, params, opt_state)
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state), metrics
+
+
+@dataclasses.dataclass
+class NonFiniteGuard:
+    """Host-side count of skipped (non-finite) steps: `limit` in a row stop the run.
+
+    The count runs across iterations (and epochs); `in_a_row` is saved with a checkpoint so a
+    resumed run stops where an uninterrupted one would.
+    """
+
+    limit: int
+    in_a_row: int = 0
+
+    def counts(self, metrics: dict, *, where: str) -> bool:
+        """True when the step was applied; False when skipped. Raises RunError (one line,
+        naming `where`, e.g. "iteration 2, step 5") on the `limit`-th skipped step in a row."""
+        if not metrics["skipped"]:
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            loss, norm = float(metrics["loss"]), float(metrics["grad_norm"])
+            if not math.isfinite(loss):
+                what = f"loss ({loss})"
+            elif not math.isfinite(norm):
+                what = f"gradient norm ({norm})"
+            else:
+                what = f"update (loss {loss:.4g} and gradient norm {norm:.4g} were finite)"
+            raise RunError(
+                f"{where}: {self.in_a_row} optimizer steps in a row were skipped, the last for a "
+                f"non-finite {what} (train.max_skipped_steps={self.limit}); the run stops here "
+                "and its newest checkpoint stays as it was"
+            )
+        return False
 
 
 def train_step(

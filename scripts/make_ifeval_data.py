@@ -359,18 +359,19 @@ Row: `{{"id", "prompt", "constraints": [{{"type", ...params}}], "base"}}`.
 | include_words | words | each word occurs as a whole word (any case) |
 | avoid_words | words | none occurs as a whole word (any case) |
 | end_phrase | phrase | ends with the phrase (any case), ignoring trailing whitespace and . ! ? |
-| bullets | n | exactly n lines start with `* ` or `- ` (after indentation) |
+| bullets | n | exactly n lines start with `* ` or `- ` (after indentation) then a word |
 | no_commas | - | no `,` (nor fullwidth `，`) |
 | start_word | word | the first word is `word` (any case; leading punctuation ignored) |
-| quotes | - | the stripped response is wrapped in `"` (or `“ ”`) around non-blank text |
-| paragraphs | n | exactly n non-blank blocks separated by blank lines |
+| quotes | - | the stripped response is wrapped in `"` (or `“ ”`) around text with a word |
+| paragraphs | n | exactly n blocks with a word, separated by blank lines |
 
-Words are runs of Unicode letters/digits joined by inner apostrophes or hyphens. An empty or
-whitespace-only response satisfies nothing. Not combined in one prompt: quotes + bullets,
-quotes + end_phrase, bullets + paragraphs. Every prompt has at least one constraint that a
-one-word answer cannot meet (not only lowercase / no_commas / avoid_words). An avoided word is
-never required by another constraint of the same prompt, and a word cap leaves at least 10 words
-per bullet and 20 per paragraph.
+Words are runs of Unicode letters/digits joined by inner apostrophes or hyphens. A response
+without a word holding a letter (empty, or only marks such as `* **`) satisfies nothing; a
+bullet, paragraph or quote needs such a word too (`* * *` is no bullet). Not combined in one
+prompt: quotes + bullets, quotes + end_phrase, bullets + paragraphs. Every prompt has at least
+one constraint that a one-word answer cannot meet (not only lowercase / no_commas /
+avoid_words). An avoided word is never required by another constraint of the same prompt, and a
+word cap leaves at least 10 words per bullet and 20 per paragraph.
 
 ## Share of each family
 
@@ -384,10 +385,10 @@ missing words, c / (c + 1) for c commas or avoided words, characters after the e
 
     reward = (m + cap * Σ_missed (1 - s_j)) / k,   cap = min(0.1, 0.9 / k)
 
-The reward lies in [0, 1], equals 1 exactly when every constraint holds, and is 0 for an empty
-response. The tie-breaking term adds at most 0.1 in total and never lifts a response above one
-that satisfies more constraints (cap * k < 1), but it lets near misses outscore far misses so
-that wDPO's reward gap carries information.
+The reward lies in [0, 1], equals 1 exactly when every constraint holds, and is 0 for a response
+without a word (an empty one included). The tie-breaking term adds at most 0.1 in total and
+never lifts a response above one that satisfies more constraints (cap * k < 1), but it lets
+near misses outscore far misses so that wDPO's reward gap carries information.
 """
 
 

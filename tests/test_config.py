@@ -150,8 +150,20 @@ def test_file_errors(tmp_path):
     assert "line" in _error([], bad)
     listing = _write(tmp_path, "- a\n- b\n")
     assert _error([], listing) == f"config file {listing} must hold a mapping of sections, got list"
+    # issue 20, case 8: an empty file (or only comments) does not start the default job
     empty = _write(tmp_path, "")
-    assert load_config(empty, []) == RunConfig()
+    assert _error([], empty) == (
+        f"config file {empty} is empty; give at least one section (an empty mapping `{{}}` runs "
+        "every default)"
+    )
+    assert _error([], _write(tmp_path, "# rho: 0.5\n")).startswith(f"config file {empty} is empty")
+    assert load_config(_write(tmp_path, "{}\n"), []) == RunConfig()
+    assert _error([], tmp_path) == f"config file {tmp_path} is a directory"
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"optune: {rho: 0.5}\n\xff\n")
+    assert _error([], binary) == (
+        f"cannot read config file {binary}: not UTF-8 text (byte 0xff at offset 19)"
+    )
 
 
 def test_override_errors():

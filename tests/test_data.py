@@ -2,7 +2,14 @@ import json
 
 import pytest
 
-from optune_jax.data import DataError, encode_prompts, load_prompt_rows, split_eval
+from optune_jax.data import (
+    DataError,
+    describe_prompts,
+    encode_prompts,
+    load_pair_rows,
+    load_prompt_rows,
+    split_eval,
+)
 
 ROWS = [
     {"id": "a", "prompt": "one two", "constraints": [{"type": "lowercase"}]},
@@ -67,7 +74,7 @@ def test_missing_column_lists_the_available_ones(tmp_path):
 
 
 def test_file_errors(tmp_path):
-    with pytest.raises(DataError, match=r"^prompt file not found: .*nope\.jsonl$"):
+    with pytest.raises(DataError, match=r"^data file not found: .*nope\.jsonl$"):
         load_prompt_rows([str(tmp_path / "nope.jsonl")], "prompt")
     csv = tmp_path / "p.csv"
     csv.write_text("prompt\nhi\n")
@@ -75,22 +82,89 @@ def test_file_errors(tmp_path):
         load_prompt_rows([str(csv)], "prompt")
     empty = tmp_path / "e.jsonl"
     empty.write_text("")
-    with pytest.raises(DataError, match="prompt file is empty"):
+    with pytest.raises(DataError, match="data file is empty"):
         load_prompt_rows([str(empty)], "prompt")
     with pytest.raises(DataError, match="no prompt files given"):
         load_prompt_rows([], "prompt")
-    broken = tmp_path / "b.jsonl"
-    broken.write_text("{not json\n")
-    with pytest.raises(DataError) as info:
-        load_prompt_rows([str(broken)], "prompt")
-    assert str(info.value).startswith(f"cannot load prompts from {str(broken)!r}: ")
-    assert "\n" not in str(info.value)
+    with pytest.raises(DataError, match=f"^data file {tmp_path} is a directory, not a file$"):
+        load_prompt_rows([str(tmp_path)], "prompt")
 
 
 def test_non_string_prompt(tmp_path):
     path = _jsonl(tmp_path / "n.jsonl", [{"prompt": "ok"}, {"prompt": None}])
-    with pytest.raises(DataError, match="row 1 of .*'prompt' must be a string, got NoneType"):
+    with pytest.raises(DataError, match=f"^{path} line 2: 'prompt' must be a string, got null$"):
         load_prompt_rows([path], "prompt")
+
+
+def _one_line_error(capfd, call) -> str:
+    """The DataError's message; the call printed nothing (no second line from a library)."""
+    capfd.readouterr()
+    with pytest.raises(DataError) as info:
+        call()
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_malformed_files_name_the_file_and_the_line_counted_from_one(tmp_path, capfd):
+    # issue 20, case 7: a non-UTF-8 byte and a malformed line, with their 1-based line
+    binary = tmp_path / "bin.jsonl"
+    binary.write_bytes(b'{"prompt": "ok"}\n\n{"prompt": "caf\xff"}\n')
+    got = _one_line_error(capfd, lambda: load_prompt_rows([str(binary)], "prompt"))
+    assert got == f"{binary} line 3: not UTF-8 text (byte 0xff at column 16)"
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "c",}\n')
+    got = _one_line_error(capfd, lambda: load_prompt_rows([str(broken)], "prompt"))
+    assert got.startswith(f"{broken} line 3: not valid JSON (")
+    not_object = tmp_path / "list.jsonl"
+    not_object.write_text('{"prompt": "a"}\n"just text"\n')
+    got = _one_line_error(capfd, lambda: load_prompt_rows([str(not_object)], "prompt"))
+    assert got == f"{not_object} line 2: expected a JSON object, got a string"
+    array = tmp_path / "array.json"
+    array.write_text(json.dumps([{"prompt": "a"}, {"prompt": 3}], indent=2))
+    got = _one_line_error(capfd, lambda: load_prompt_rows([str(array)], "prompt"))
+    assert got == f"{array} item 2: 'prompt' must be a string, got int"
+    pairs = _jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"},
+                                              {"prompt": "p", "chosen": "c"}])
+    got = _one_line_error(capfd, lambda: load_pair_rows([pairs], ("prompt", "chosen", "rejected")))
+    assert got == f"{pairs} line 2: no text column 'rejected' (columns: prompt, chosen)"
+
+
+def test_an_unreadable_file_names_the_cause(tmp_path, monkeypatch):
+    path = _jsonl(tmp_path / "p.jsonl", ROWS)
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(tmp_path), "read_bytes", denied)
+    with pytest.raises(DataError, match=f"^cannot read data file {path}: permission denied$"):
+        load_prompt_rows([path], "prompt")
+
+
+def test_duplicate_ids_are_refused_across_files(tmp_path):
+    # issue 20, case 8
+    a = _jsonl(tmp_path / "a.jsonl", ROWS)
+    b = _jsonl(tmp_path / "b.jsonl", [{"id": "z", "prompt": "x"}, {"id": "b", "prompt": "y"}])
+    with pytest.raises(DataError, match=f'^{b} line 2: id "b" repeats {a} line 2$'):
+        load_prompt_rows([a, b], "prompt")
+    no_ids = _jsonl(tmp_path / "c.jsonl", [{"prompt": "x"}, {"prompt": "x"}])
+    assert len(load_prompt_rows([no_ids], "prompt")) == 2  # ids are checked only where given
+
+
+def test_empty_prompts_are_dropped_and_counted():
+    # issue 20, case 8
+    rows = [*ROWS, {"id": "d", "prompt": ""}, {"id": "e", "prompt": " \n "}]
+    tokens, kept, stats = encode_prompts(rows, FakeTokenizer(), column="prompt", max_tokens=5,
+                                         overlong="drop")
+    assert [r["id"] for r in kept] == ["a", "c"] and len(tokens) == 2
+    assert (stats["empty"], stats["dropped"], stats["kept"]) == (2, 1, 2)
+    assert describe_prompts(stats, max_tokens=5) == (
+        "2 of 5 (1 longer than 5 tokens with the chat template dropped (longest 9), "
+        "2 empty dropped)"
+    )
+    with pytest.raises(DataError, match="^all 2 prompts are empty$"):
+        encode_prompts(rows[3:], FakeTokenizer(), column="prompt", max_tokens=5, overlong="drop")
 
 
 # ----------------------------------------------------------------------------------- encoding
@@ -100,7 +174,8 @@ def test_encode_within_the_limit(as_list):
                                          max_tokens=100, overlong="drop")
     assert tokens[0] == [1, 3, 13, 13, 4]
     assert kept == ROWS
-    assert stats == {"prompts": 3, "kept": 3, "dropped": 0, "truncated": 0, "longest": 9}
+    assert stats == {"prompts": 3, "kept": 3, "empty": 0, "dropped": 0, "truncated": 0,
+                     "longest": 9}
 
 
 def test_overlong_drop_counts_and_keeps_rows_aligned():
@@ -108,7 +183,11 @@ def test_overlong_drop_counts_and_keeps_rows_aligned():
                                          max_tokens=5, overlong="drop")
     assert [r["id"] for r in kept] == ["a", "c"]
     assert all(len(t) <= 5 for t in tokens)
-    assert stats == {"prompts": 3, "kept": 2, "dropped": 1, "truncated": 0, "longest": 9}
+    assert stats == {"prompts": 3, "kept": 2, "empty": 0, "dropped": 1, "truncated": 0,
+                     "longest": 9}
+    assert describe_prompts(stats, max_tokens=5) == (
+        "2 of 3 (1 longer than 5 tokens with the chat template dropped (longest 9))"
+    )
 
 
 def test_overlong_truncate_keeps_the_generation_prompt():
@@ -116,7 +195,8 @@ def test_overlong_truncate_keeps_the_generation_prompt():
                                          max_tokens=5, overlong="truncate")
     assert kept == ROWS
     assert tokens[1] == [15, 14, 14, 13, FakeTokenizer.ASSISTANT]  # the last 5 tokens
-    assert stats == {"prompts": 3, "kept": 3, "dropped": 0, "truncated": 1, "longest": 9}
+    assert stats == {"prompts": 3, "kept": 3, "empty": 0, "dropped": 0, "truncated": 1,
+                     "longest": 9}
 
 
 def test_system_prompt_is_a_system_turn():
@@ -132,7 +212,7 @@ def test_encode_errors():
     too_long = r"all 3 prompts are longer than max_tokens=2 \(longest 9\)"
     with pytest.raises(DataError, match=too_long):
         encode_prompts(ROWS, tok, column="prompt", max_tokens=2, overlong="drop")
-    with pytest.raises(DataError, match="row 0 has no prompt column 'text'"):
+    with pytest.raises(DataError, match="row 1 has no prompt column 'text'"):
         encode_prompts(ROWS, tok, column="text", max_tokens=5, overlong="drop")
 
 

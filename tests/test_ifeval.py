@@ -46,8 +46,8 @@ def test_split_words():
 
 
 @pytest.mark.parametrize("family", sorted(ifeval.VERIFIERS))
-@pytest.mark.parametrize("text", ["", "   \n\t "])
-def test_blank_response_misses_everything(family, text):
+@pytest.mark.parametrize("text", ["", "   \n\t ", "* **\n* **", '"..." 12 !'])
+def test_a_response_without_words_misses_everything(family, text):
     params = {
         "word_count": {"max_words": 10}, "include_words": {"words": ["a"]},
         "avoid_words": {"words": ["a"]}, "end_phrase": {"phrase": "bye"}, "bullets": {"n": 1},
@@ -58,7 +58,7 @@ def test_blank_response_misses_everything(family, text):
 
 @pytest.mark.parametrize(
     "text, miss",
-    [("hello world.", 0.0), ("école, straße 123 !", 0.0), ("123 :)", 0.0), ("Hello", 0.2),
+    [("hello world.", 0.0), ("école, straße 123 !", 0.0), ("123 :)", 1.0), ("Hello", 0.2),
      ("HELLO", 1.0), ("ÉCOLE", 1.0), ("hello Ω", 1 / 6)],
 )  # fmt: skip
 def test_lowercase(text, miss):
@@ -169,10 +169,23 @@ def test_end_phrase_punctuation_in_phrase_and_apostrophes():
         ("• dot\n1. numbered\n**bold** line\n*nospace\n- \n---", 0),
         ("* a\r\n* b\r\n", 2),
         ("text * not at line start", 0),
+        ("* * *\n* **\n- ...\n* 12", 0),  # markers with no word: the reward hack of `* **`
+        ("* **Sleep** early\n* *\n* ok", 2),
     ],
 )
 def test_bullet_count(text, count):
     assert ifeval.bullet_count(text) == count
+
+
+def test_empty_satisfaction_never_pays():
+    """`* **` lines answer a bullet request with no content: they score as no bullets at all."""
+    rows = [{"constraints": [{"type": "bullets", "n": 3}]}] * 2
+    hack, real = "* **\n* **\n* **", "* sleep early\n* skip coffee\n* read a book"
+    low, high = ifeval.ifeval_reward(rows, [hack, real])
+    assert high == 1.0 and low < 0.1
+    # nor does it pass the negative constraints vacuously (no commas, lowercase, avoided words)
+    rows = [{"constraints": [{"type": "bullets", "n": 4}, {"type": "no_commas"}]}]
+    assert ifeval.ifeval_reward(rows, ["* **\n*   **\n*   **\n*   **"])[0] == 0.0
 
 
 def test_bullets_severity():
@@ -214,9 +227,10 @@ def test_start_word(text, miss):
         ('"he said "hi" to me"', 0.0),
         ('"hello there', 0.5),
         ('hello there"', 0.5),
-        ('"', 0.5),
+        ('"', 1.0),  # no word inside
         ('""', 1.0),
         ('"  "', 1.0),
+        ('"..."', 1.0),  # a quoted span needs a word
         ("hello there", 1.0),
     ],
 )
@@ -232,6 +246,7 @@ def test_quotes(text, miss):
         ("first\n   \t\nsecond\n\n\n\nthird", 3),
         ("\n\nfirst\n\nsecond\n\n", 2),
         ("first\r\n\r\nsecond", 2),
+        ("first\n\n* * *\n\n---\n\nsecond", 2),  # separators are no paragraphs
     ],
 )
 def test_paragraph_count(text, count):

@@ -1,14 +1,20 @@
 """The OPTune loop end to end on the tiny config: learning, accounting, exact resume, bad input."""
 
+import errno
 import json
+import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import yaml
 
 from optune_jax import train
+from optune_jax.checkpoint import Checkpoints
 from optune_jax.config import load_config
+from optune_jax.errors import RunError
 from optune_jax.loop import OptuneRun
 
 # a smaller tiny run for the tests that only need the machinery
@@ -21,6 +27,7 @@ MICRO = [
     "train.batch_size=8",
     "train.micro_batch_size=4",
     "train.epochs=1",
+    "eval.drift=false",  # the drift metrics are tested in test_drift.py and the tiny run below
 ]
 
 
@@ -49,22 +56,52 @@ def test_tiny_config_learns_and_accounts_for_generation(tmp_path, capsys):
         assert r["pairs"] + r["pairs_dropped_ties"] == 64
         assert r["tokens_generated"] > 0
         assert all(r[f"seconds.{k}"] > 0 for k in ("generation", "reward", "reference", "training"))
-    assert np.isnan(iters[0]["reward_kept"]) and not np.isnan(iters[1]["reward_kept"])
+    assert iters[0]["reward_kept"] is None and iters[1]["reward_kept"] > 0  # NaN: JSON null
+    # drift from π_0: none before training, some after; greedy answers kept for the summary
+    assert before["eval.kl_initial"] == 0.0 and iters[-1]["eval.kl_initial"] > 0.01
+    assert all(r["eval.nll_initial"] > 0 and len(r["eval.examples"]) == 3 for r in records)
     assert (out / "model" / "model.safetensors").exists()
     assert list((out / "tensorboard").iterdir())
-    assert "held-out reward" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "held-out reward" in printed and "NLL under π_0 of greedy answers" in printed
+    assert printed.count("\n| before | after |") == 3  # three answers side by side
 
 
 def _params(run):
     return jax.device_get(run.state.params)
 
 
-def test_a_run_killed_mid_iteration_resumes_to_the_same_parameters(tmp_path, monkeypatch):
-    whole = OptuneRun(micro_config(tmp_path / "a"), progress=False)
-    whole.run()
-    want = _params(whole)
-    whole.close()
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The micro run from start to end: (its final parameters, its output directory)."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    run = OptuneRun(micro_config(tmp), progress=False)
+    run.run()
+    params = _params(run)
+    run.close()
+    return params, tmp / "run"
 
+
+def _iterations(path) -> list[int]:
+    return [json.loads(line)["iteration"] for line in path.read_text().splitlines()]
+
+
+def _resumes_to(want, cfg, next_iteration: int) -> list[dict]:
+    """Resumes the run of `cfg` (from `next_iteration`) to its end, checks that its final
+    parameters are exactly `want`, and returns its metrics records."""
+    run = OptuneRun(cfg, resume=True, progress=False)
+    assert run.next_iteration == next_iteration
+    records = run.run()
+    got = _params(run)
+    run.close()
+    jax.tree.map(np.testing.assert_array_equal, want, got)  # exact on the CPU
+    return records
+
+
+def test_a_run_killed_mid_iteration_resumes_to_the_same_parameters(
+    uninterrupted, tmp_path, monkeypatch
+):
+    want, _ = uninterrupted
     cfg = micro_config(tmp_path / "b")
     killed = OptuneRun(cfg, progress=False)
     real_train = OptuneRun._train
@@ -79,13 +116,7 @@ def test_a_run_killed_mid_iteration_resumes_to_the_same_parameters(tmp_path, mon
         killed.run()
     killed.close()
     monkeypatch.setattr(OptuneRun, "_train", real_train)
-
-    resumed = OptuneRun(cfg, resume=True, progress=False)
-    assert resumed.next_iteration == 1
-    records = resumed.run()
-    got = _params(resumed)
-    resumed.close()
-    jax.tree.map(np.testing.assert_array_equal, want, got)  # exact on the CPU
+    records = _resumes_to(want, cfg, next_iteration=1)
     assert [r["iteration"] for r in records] == [-1, 0, 1]
 
 
@@ -118,6 +149,16 @@ def test_bad_input_stops_with_one_line_and_writes_nothing(tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     _fails(capsys, [*base, "--set", f"data.train_files=[{empty}]"], "empty")
+    # issue 20, case 8: an empty config file does not start the default job
+    _fails(capsys, ["--config", str(tmp_path / "empty.jsonl")], "is empty; give at least one")
+    # issue 20, case 6: an output directory under a file, or where nothing can be created
+    readme = tmp_path / "README.md"
+    readme.write_text("mine")
+    _fails(capsys, [*base, "--set", f"run.output_dir={readme}/sub"],
+           f"error: cannot use the output directory {readme}/sub: {readme} is a file, not a "
+           "directory")
+    _fails(capsys, [*base, "--set", "run.output_dir=/proc/optune"],
+           "cannot use the output directory /proc/optune: the file system at /proc refuses new")
     assert not out.exists()  # nothing half-written by any of the above
 
 
@@ -221,3 +262,113 @@ def test_offline_pairs_from_a_file(tmp_path, capsys):
     _fails(capsys, base, "loss.name=wdpo does not fit run.mode=offline; allowed: dpo, ipo, hinge")
     _fails(capsys, [*base, "--set", "loss.name=dpo", "--set", "data.chosen_column=good"],
            "no text column 'good'")
+
+
+class _HalfFull:
+    """A file that takes half of iteration 1's metrics line and then reports a full disk."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, text: str):
+        if '"iteration": 1,' not in text:
+            return self.f.write(text)
+        self.f.write(text[: len(text) // 2])
+        self.f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device", self.f.name)
+
+
+def test_failures_inside_the_checkpoint_and_metrics_writes_resume_to_the_same_parameters(
+    uninterrupted, tmp_path, monkeypatch
+):
+    # issue 20: fault injection; also cases 4 (a torn last line) and 5 (no second iteration -1)
+    want, _ = uninterrupted
+    cfg = micro_config(tmp_path)
+    log = tmp_path / "run" / "metrics.jsonl"
+
+    # 1. the disk fills inside orbax while checkpoint 0 is written: the run stops in one line
+    async def no_space(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path))
+
+    monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "async_save", no_space)
+    run = OptuneRun(cfg, progress=False)
+    with pytest.raises(RunError, match=r"^cannot write checkpoint \S+/checkpoints/0: no space "):
+        run.run()
+    run.close()
+    monkeypatch.undo()
+    assert _iterations(log) == [-1, 0]  # a line is written before its checkpoint
+
+    # 2. no complete checkpoint: the resume starts over and writes iteration -1 once; then the
+    # disk fills halfway through iteration 1's line
+    real_open = Path.open
+
+    def half_full(self, mode="r", *args, **kwargs):
+        f = real_open(self, mode, *args, **kwargs)
+        return _HalfFull(f) if self == log and mode == "a" else f
+
+    monkeypatch.setattr(Path, "open", half_full)
+    run = OptuneRun(cfg, resume=True, progress=False)
+    assert run.next_iteration == 0
+    with pytest.raises(RunError, match=f"^cannot write {log}: no space left on device$"):
+        run.run()
+    run.close()
+    monkeypatch.undo()
+    torn = log.read_text()
+    assert not torn.endswith("\n")
+    assert [json.loads(line)["iteration"] for line in torn.splitlines()[:-1]] == [-1, 0]
+
+    # 3. resumed from checkpoint 0: the torn line is dropped and iteration 1 runs again
+    records = _resumes_to(want, cfg, next_iteration=1)
+    assert [r["iteration"] for r in records] == _iterations(log) == [-1, 0, 1]
+
+
+def test_a_truncated_newest_checkpoint_resumes_from_the_one_before(uninterrupted, tmp_path, capsys):
+    # issue 20, case 2: an array file of checkpoint 1 cut short; the run goes on from checkpoint
+    # 0 and ends with the parameters of the uninterrupted run
+    want, whole = uninterrupted
+    shutil.copytree(whole, tmp_path / "run")
+    state = tmp_path / "run" / "checkpoints" / "1" / "state"
+    big = max((f for f in state.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    big.write_bytes(big.read_bytes()[:100])
+    capsys.readouterr()
+    records = _resumes_to(want, micro_config(tmp_path), next_iteration=1)
+    assert [r["iteration"] for r in records] == [-1, 0, 1]
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"warning: checkpoint 1 is damaged: {big.relative_to(state.parent)} has "
+                          "100 of its ")
+    assert err.endswith("(moved to checkpoints.damaged/); resuming from checkpoint 0")
+    assert "\n" not in err
+    assert (tmp_path / "run" / "checkpoints.damaged" / "1" / "state").is_dir()  # kept, aside
+
+
+def test_non_finite_training_stops_in_one_line_and_exports_nothing(tmp_path, capsys):
+    # issue 20, case 1: learning rate 1e38; every update overflows and is skipped, and the
+    # third in a row (train.max_skipped_steps=3; two steps per iteration) stops iteration 1
+    out = tmp_path / "run"
+    sets = [*MICRO, "train.learning_rate=1e38", "data.max_prompt_tokens=64",
+            f"run.output_dir={out}"]
+    argv = ["--config", "configs/tiny.yaml", "--no-progress"]
+    assert train.main([*argv, *[x for s in sets for x in ("--set", s)]]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: iteration 1, step 1 of 2: 3 optimizer steps in a row were "
+                          "skipped, the last for a non-finite update")
+    # case 8: the start-up line says how many prompts were dropped for length, and why
+    assert ("prompts: training 12 of 16 (4 longer than 64 tokens with the chat template dropped "
+            "(longest 71))") in captured.out
+    assert not (out / "model").exists() and not (out / "summary.md").exists()
+    ckpt = Checkpoints(out / "checkpoints")
+    assert ckpt.latest() == 0  # the checkpoint before the stop stays the newest
+    ckpt.close()
+    records = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+               for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [-1, 0]
+    assert records[1]["train.skipped_steps"] == records[1]["train.steps"] == 2
+    assert records[1]["reward_kept"] is None  # case 3: strict JSON, null for NaN

@@ -300,9 +300,8 @@ def test_model_reward_scores_the_chat_conversation(tmp_path):
 
 
 # ---- the trainer's command line ------------------------------------------------------------
-def test_train_rm_cli_end_to_end_and_errors(tmp_path, capsys):
-    from optune_jax import train_rm
-
+def _rm_config(tmp_path, epochs=2):
+    """(config file, pairs file) of a tiny reward model on 6 repeated pairs (4 trained)."""
     tok_dir = tmp_path / "tok"
     _tokenizer().save_pretrained(tok_dir)
     rows = [{"prompt": "a b", "chosen": "c d e", "rejected": "f"}] * 6
@@ -314,10 +313,17 @@ def test_train_rm_cli_end_to_end_and_errors(tmp_path, capsys):
         "        random: {hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1,\n"
         "                 num_attention_heads: 2, num_key_value_heads: 1, head_dim: 8}}\n"
         f"data: {{train_files: [{pairs}], eval_files: [], eval_fraction: 0.3, max_tokens: 32}}\n"
-        "train: {optimizer: adamw, learning_rate: 1.0e-2, epochs: 2, batch_size: 4,\n"
+        f"train: {{optimizer: adamw, learning_rate: 1.0e-2, epochs: {epochs}, batch_size: 4,\n"
         "        micro_batch_size: 2}\n"
         f"run: {{output_dir: {tmp_path / 'run'}}}\n"
     )
+    return config, pairs
+
+
+def test_train_rm_cli_end_to_end_and_errors(tmp_path, capsys):
+    from optune_jax import train_rm
+
+    config, pairs = _rm_config(tmp_path)
     assert train_rm.main(["--config", str(config), "--no-progress"]) == 0
     out = tmp_path / "run"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -335,3 +341,22 @@ def test_train_rm_cli_end_to_end_and_errors(tmp_path, capsys):
     assert train_rm.main(["--config", str(config), "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert "no column 'rejected'; columns: prompt, chosen" in err and err.count("\n") == 1
+
+
+def test_train_rm_skips_non_finite_steps_and_stops_after_a_few(tmp_path, capsys):
+    # issue 20: the reward model's trainer skips and counts non-finite steps as the loop does;
+    # one step per epoch, so the second epoch's step is the second skipped in a row
+    from optune_jax import train_rm
+
+    config, _ = _rm_config(tmp_path, epochs=3)
+    sets = ["--set", "train.learning_rate=1e38", "--set", "train.max_skipped_steps=2"]
+    assert train_rm.main(["--config", str(config), "--no-progress", *sets]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: epoch 1, step 1 of 1: 2 optimizer steps in a row were skipped, "
+                          "the last for a non-finite update") and "\n" not in err
+    out = tmp_path / "run"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [-1, 0]
+    assert records[1]["train.skipped_steps"] == 1 and records[1]["train.grad_norm"] is None
+    assert records[1]["eval.loss"] == records[0]["eval.loss"]  # the weights did not move
+    assert not (out / "model").exists()

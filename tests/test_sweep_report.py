@@ -15,7 +15,7 @@ def test_sweep_then_report(tmp_path, capsys):
     out = tmp_path / "sweep"
     argv = ["--config", "configs/tiny.yaml", "--rho", "0.5", "1.0", "--selection", "reward",
             "random", "--seeds", "0", "--out", str(out), "--no-progress",
-            *[x for s in MICRO for x in ("--set", s)]]
+            *[x for s in MICRO for x in ("--set", s)], "--set", "eval.drift=true"]
     assert sweep.main(argv) == 0
     runs = sorted(out.iterdir())
     assert [r.name for r in runs] == ["rho0.5_random_seed0", "rho0.5_reward_seed0",
@@ -28,6 +28,8 @@ def test_sweep_then_report(tmp_path, capsys):
     assert "Rdm ρ=0.5" in text and "ρ=1" in text and "paper Table 1" in text
     assert (docs / "reward.png").stat().st_size > 10_000
     assert (docs / "phases.png").stat().st_size > 5_000
+    assert (docs / "frontier.png").stat().st_size > 10_000  # reward–KL, one line per run
+    assert "KL to π_0" in text
 
 
 def test_report_rejects_a_directory_that_is_not_a_run(tmp_path, capsys):

@@ -10,8 +10,10 @@ import pytest
 
 from losses import sequence_logps
 from models import ModelConfig, forward, init_params
+from optune_jax.errors import RunError
 from optune_jax.train_step import (
     LossChoice,
+    NonFiniteGuard,
     PolicySpec,
     TrainState,
     make_optimizer,
@@ -160,3 +162,56 @@ def test_repeated_steps_raise_the_margin():
         margins.append(float(metrics["margin"]))
     assert margins[-1] > margins[0]
     assert int(state.step) == 5
+
+
+def _equal(a, b) -> bool:
+    return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b)))
+
+
+def test_a_non_finite_loss_leaves_the_state_as_it_was_then_training_goes_on():
+    # issue 20: a NaN (here a reference logp) must not reach the parameters or Adam's moments
+    good = pairs(k=4)
+    bad = {n: x.copy() for n, x in good.items()}
+    bad["ref_logps_K2"][2, 0] = np.nan
+    state, step = step_fn()
+    before = jax.device_get(state)
+    state, metrics = step(state, as_batch(bad, 2))
+    assert float(metrics["skipped"]) == 1.0 and np.isnan(metrics["loss"])
+    assert _equal(jax.device_get(state), before)  # parameters, optimizer state, step count
+    state, metrics = step(state, as_batch(good, 2))
+    assert float(metrics["skipped"]) == 0.0 and int(state.step) == 1
+    assert not _equal(state.params, before.params)
+
+
+def test_an_update_that_overflows_is_skipped():
+    # learning rate 1e38: the gradient is finite but Adam's first update is ±1e38 per weight
+    opt = make_optimizer(name="adamw", learning_rate=1e38, total_steps=10, warmup_ratio=0.0,
+                         weight_decay=0.0, max_grad_norm=None)
+    state, step = step_fn(opt=opt)
+    before = jax.device_get(state)
+    state, metrics = step(state, as_batch(pairs(k=4), 2))
+    assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
+    assert float(metrics["skipped"]) == 1.0
+    assert _equal(jax.device_get(state), before)
+
+
+def test_the_guard_stops_on_the_limit_th_skipped_step_in_a_row():
+    guard = NonFiniteGuard(3)
+    ok = {"skipped": 0.0, "loss": 0.5, "grad_norm": 1.0}
+    bad = {"skipped": 1.0, "loss": float("nan"), "grad_norm": float("inf")}
+    counted = [guard.counts(m, where="-") for m in (bad, bad, ok, bad, bad)]
+    assert counted == [False, False, True, False, False] and guard.in_a_row == 2
+    with pytest.raises(RunError) as info:
+        guard.counts(bad, where="iteration 4, step 2 of 5")
+    message = str(info.value)
+    assert message == (
+        "iteration 4, step 2 of 5: 3 optimizer steps in a row were skipped, the last for a "
+        "non-finite loss (nan) (train.max_skipped_steps=3); the run stops here and its newest "
+        "checkpoint stays as it was"
+    )
+    overflow = {"skipped": 1.0, "loss": 0.5, "grad_norm": 2.0}
+    with pytest.raises(RunError, match=r"non-finite update \(loss 0.5 and gradient norm 2 were "):
+        guard.counts(overflow, where="-")
+    guard = NonFiniteGuard(1)
+    with pytest.raises(RunError, match=r"non-finite gradient norm \(inf\)"):
+        guard.counts({**ok, "skipped": 1.0, "grad_norm": float("inf")}, where="-")

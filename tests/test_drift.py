@@ -1,0 +1,89 @@
+"""Drift from π_0: the per-token estimators against hand values, and the evaluation's KL of
+π_0 against itself (sampler logps vs forward logps) at zero."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from optune_jax import drift, train
+from optune_jax.loop import OptuneRun
+
+from .test_loop import micro_config
+
+
+def test_kl_and_nll_per_token_by_hand():
+    logp_t, logp_0, tokens = np.array([-3.0, -1.0]), np.array([-5.0, -2.0]), np.array([4, 1])
+    assert drift.kl_per_token(logp_t, logp_0, tokens) == pytest.approx((2.0 + 1.0) / 5)
+    assert drift.nll_per_token(logp_0, tokens) == pytest.approx(7.0 / 5)
+    assert drift.kl_per_token(np.zeros(0), np.zeros(0), np.zeros(0, int)) == 0.0
+
+
+@given(st.lists(st.tuples(st.floats(-50, 0), st.integers(1, 64)), min_size=1, max_size=8))
+def test_a_policy_has_no_drift_from_itself(rows):
+    logps, tokens = map(np.array, zip(*rows, strict=True))
+    assert drift.kl_per_token(logps, logps, tokens) == 0.0
+    assert drift.nll_per_token(logps, tokens) >= 0.0
+
+
+def test_mismatched_shapes_are_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"shape \(3,\) for token counts of shape \(2,\)"):
+        drift.kl_per_token(np.zeros(3), np.zeros(3), np.ones(2, int))
+    with pytest.raises(ValueError, match="token counts must be >= 0"):
+        drift.nll_per_token(np.zeros(2), np.array([1, -1]))
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])  # exact samples reused / drawn apart
+def test_evaluation_of_pi0_against_itself_has_zero_kl(tmp_path, top_p):
+    """The sampler's logps of π_0's own samples and π_0's forward pass agree token for token,
+    so KL(π_0‖π_0) comes out 0; with truncated sampling the KL samples are drawn untruncated."""
+    run = OptuneRun(
+        micro_config(tmp_path, "eval.drift=true", f"sampling.top_p={top_p}"), progress=False
+    )
+    rewards, record = run._evaluate(run.policy_params())  # not `initial`: measured, not set to 0
+    run.close()
+    assert abs(record["eval.kl_initial"]) < 1e-4, record
+    assert record["eval.nll_initial"] > 0 and 0 <= record["eval.greedy_eos_rate"] <= 1
+    assert record["eval.reward"] == pytest.approx(float(np.mean(rewards)))
+    assert [e["prompt"] for e in record["eval.examples"]] == [
+        r["prompt"] for r in run.eval_rows[:3]
+    ]
+
+
+def test_summary_shows_drift_and_answers_side_by_side():
+    def record(it, kl, answer):
+        return {
+            "iteration": it, "eval.reward": 0.2 + it / 10, "eval.win_score": 60.0,
+            "eval.kl_initial": kl, "eval.nll_initial": 0.7 + kl, "eval.greedy_eos_rate": 0.5,
+            "eval.greedy_tokens": 30.0, "eval.eos_rate": 0.25, "eval.response_tokens": 40.0,
+            "eval.examples": [{"prompt": "Say hi.", "answer": answer}],
+            "prompts_regenerated": 4, "total.prompts_regenerated": 6,
+            "total.tokens_generated": 100, "total.generation_seconds": 1.0,
+        }
+
+    text = train.summary_table([record(-1, 0.0, "Hi there."), record(0, 0.25, "a | b\nc")])
+    assert "| KL(π_t ‖ π_0) per token, on samples | 0.000 | 0.250 |" in text
+    assert "| NLL under π_0 of greedy answers, nats/token | 0.700 | 0.950 |" in text
+    assert "| samples ending with EOS | 25% | 25% |" in text
+    assert "**Say hi.**" in text and "| Hi there. | a \\| b<br>c |" in text
+
+
+def test_missing_eos_penalty_lowers_only_cut_training_responses(tmp_path):
+    """TRL's missing_eos_penalty: a training response cut at the budget loses exactly the
+    penalty; finished responses and the held-out rewards keep the verifier's score."""
+    from optune_jax.pairs import ended_with_eos
+
+    run = OptuneRun(
+        micro_config(tmp_path, "reward.missing_eos_penalty=0.5", "sampling.max_new_tokens=12"),
+        progress=False,
+    )
+    run._collect(0, run.policy_params(), {}, regenerate=True)
+    pool = run.pool
+    n, s, width = pool.tokens_P2L.shape
+    raw = run._score(run.train_rows, pool.tokens_P2L, pool.lengths_P2)
+    cut = ~ended_with_eos(
+        pool.tokens_P2L.reshape(n * s, width), pool.lengths_P2.reshape(-1), run.policy.eos_ids
+    ).reshape(n, s)
+    run.close()
+    assert cut.any()  # the tiny model rarely ends within 12 tokens
+    np.testing.assert_allclose(pool.rewards_P2, raw - 0.5 * cut, atol=1e-6)
