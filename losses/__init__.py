@@ -4,6 +4,7 @@ from losses.kl import hypo_loss, kl_surrogate
 from losses.logps import sequence_logps, shift_labels, token_logps
 from losses.preference import (
     bradley_terry_loss,
+    chosen_nll,
     dpo_loss,
     hinge_loss,
     ipo_loss,
@@ -16,6 +17,7 @@ __all__ = [
     "LOSSES",
     "LossSpec",
     "bradley_terry_loss",
+    "chosen_nll",
     "dpo_loss",
     "get_loss",
     "hinge_loss",

@@ -203,6 +203,29 @@ def hinge_loss(
     return _reduce(jax.nn.relu(1.0 - pairs.margin_B), pairs)
 
 
+def chosen_nll(
+    policy_chosen_logps: jax.Array,
+    chosen_tokens: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """Mean over counted pairs of the chosen response's per-token NLL, −log π(y_w) / |y_w|.
+
+    The NLL term that RPO adds to DPO (Pang et al. 2024, Eq. 2; TRL's `rpo_alpha`): it keeps
+    the chosen responses likely, where DPO alone may lower both sides of every pair.
+
+    Args:
+      policy_chosen_logps: float [B] sequence logps (sums over tokens) of the chosen responses.
+      chosen_tokens: [B] their token counts (1 where the logps are already per-token means).
+      mask: optional bool [B]; False pairs are not counted.
+    """
+    chex.assert_rank([policy_chosen_logps, chosen_tokens], 1)
+    chex.assert_equal_shape([policy_chosen_logps, chosen_tokens])
+    mask_B = _mask_or_all(mask, policy_chosen_logps)
+    tokens_B = jnp.maximum(_clean(chosen_tokens, mask_B), 1.0)
+    return _masked_mean(-_clean(policy_chosen_logps, mask_B) / tokens_B, mask_B)
+
+
 def bradley_terry_loss(
     chosen_scores: jax.Array,
     rejected_scores: jax.Array,

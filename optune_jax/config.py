@@ -137,6 +137,8 @@ class LossSection:
     beta2: float = _opt(1.0, range=NON_NEGATIVE)  # wDPO's reward-gap temperature (Eq. 6)
     average_logps: bool = False  # per-token mean instead of sum of response logps (SPEC §1)
     lam: float = _opt(0.1, range=NON_NEGATIVE)  # HyPO: weight of the KL term (SPEC §5)
+    # RPO (Pang et al. 2024): + rpo_alpha · per-token NLL of the chosen responses; 0: off
+    rpo_alpha: float = _opt(0.0, range=NON_NEGATIVE)
 
 
 @dataclasses.dataclass(frozen=True)

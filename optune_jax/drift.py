@@ -2,6 +2,7 @@
 
     kl = kl_per_token(logp_t_N, logp_0_N, tokens_N)   # exact samples of π_t
     nll = nll_per_token(logp_0_N, tokens_N)           # π_t's greedy answers, scored by π_0
+    rep = seq_rep_n(token_lists, n=4)                 # repetition loops, which π_0 finds likely
 
 Sequence logps are sums over a response's tokens (EOS included), as `response_logps` returns
 them with `average_logps=False`; `tokens_N` counts those tokens.
@@ -42,3 +43,20 @@ def nll_per_token(logp_initial_N, tokens_N) -> float:
     tokens_N = _check(tokens_N, logp_initial_N)
     total = np.sum(tokens_N)
     return float(-np.sum(np.asarray(logp_initial_N, np.float64)) / total) if total else 0.0
+
+
+def seq_rep_n(sequences, n: int = 4) -> float:
+    """Mean over sequences of 1 − |unique n-grams| / |n-grams| (seq-rep-n, Welleck et al. 2019).
+
+    0 for text without a repeated n-gram, near 1 for a loop such as `* **` lines; sequences with
+    fewer than n tokens count as 0. A loop is likely under π_0 once it starts, so NLL under π_0
+    alone does not flag it.
+    """
+    if n < 1:
+        raise ValueError(f"seq_rep_n: n={n} must be >= 1")
+    scores = []
+    for seq in sequences:
+        seq = [int(x) for x in seq]
+        grams = [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
+        scores.append(1.0 - len(set(grams)) / len(grams) if grams else 0.0)
+    return float(np.mean(scores)) if scores else 0.0

@@ -483,6 +483,9 @@ class OptuneRun:
             "eval.nll_initial": drift.nll_per_token(logp0[:, 1], greedy.lengths[:, 0]),
             "eval.greedy_eos_rate": float(np.mean(greedy.finished)),
             "eval.greedy_tokens": float(np.mean(greedy.lengths)),
+            "eval.greedy_rep4": drift.seq_rep_n(
+                [t[:n] for t, n in zip(greedy.tokens[:, 0], greedy.lengths[:, 0], strict=True)]
+            ),
             "eval.examples": [
                 {"prompt": r[column], "answer": a}
                 for r, a in zip(self.eval_rows[:k], answers, strict=True)

@@ -74,6 +74,7 @@ def summary_table(records: list[dict]) -> str:
             ("NLL under π_0 of greedy answers, nats/token", *both("eval.nll_initial", ".3f")),
             ("greedy answers ending with EOS", *both("eval.greedy_eos_rate", ".0%")),
             ("greedy answer length, tokens", *both("eval.greedy_tokens", ".1f")),
+            ("repeated 4-grams in greedy answers (seq-rep-4)", *both("eval.greedy_rep4", ".3f")),
         ]
     rows += [
         ("samples ending with EOS", *both("eval.eos_rate", ".0%")),

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from losses import get_loss, sequence_logps
+from losses import chosen_nll, get_loss, sequence_logps
 from models import ModelConfig, forward
 from models.lora import LoraSpec, merge
 from optune_jax.errors import RunError
@@ -37,15 +37,21 @@ class PolicySpec:
 
 @dataclasses.dataclass(frozen=True)
 class LossChoice:
-    """A registered loss by name and its hyperparameters as (name, value) pairs."""
+    """A registered loss by name and its hyperparameters as (name, value) pairs; `rpo_alpha`
+    adds RPO's NLL of the chosen responses to it (`losses.chosen_nll`, 0: off)."""
 
     name: str
     hyperparams: tuple[tuple[str, float], ...]
+    rpo_alpha: float = 0.0
 
     @classmethod
     def from_values(cls, name: str, values: dict[str, float]) -> LossChoice:
         spec = get_loss(name)
-        return cls(name, tuple((k, float(values[k])) for k in spec.hyperparams))
+        return cls(
+            name,
+            tuple((k, float(values[k])) for k in spec.hyperparams),
+            float(values.get("rpo_alpha", 0.0)),
+        )
 
 
 @struct.dataclass
@@ -132,7 +138,7 @@ def _policy_loss(params, micro, *, policy: PolicySpec, loss: LossChoice, prompt_
             sample_reference_logps_PK=micro["sample_ref_logps_MK"],
             sample_mask_P=micro["sample_mask_M"],
         )
-    return spec.fn(
+    value, metrics = spec.fn(
         logps_M2[:, 0],
         logps_M2[:, 1],
         micro["ref_logps_M2"][:, 0],
@@ -141,6 +147,13 @@ def _policy_loss(params, micro, *, policy: PolicySpec, loss: LossChoice, prompt_
         **extra,
         **dict(loss.hyperparams),
     )
+    if loss.rpo_alpha:  # RPO (Pang et al. 2024, Eq. 2): + α · NLL(y_w) / |y_w|
+        tokens = micro["resp_M2T"][:, 0].sum(-1).astype(jnp.float32)
+        if policy.average_logps:  # the logps are per-token means already
+            tokens = jnp.ones_like(tokens)
+        nll = chosen_nll(logps_M2[:, 0], tokens, mask=micro["pair_mask_M"])
+        value, metrics = value + loss.rpo_alpha * nll, {**metrics, "nll_chosen": nll}
+    return value, metrics
 
 
 def _trainable_loss(trainable, micro, frozen, *, lora: LoraSpec | None, **kw):

@@ -26,6 +26,15 @@ def test_a_policy_has_no_drift_from_itself(rows):
     assert drift.nll_per_token(logps, tokens) >= 0.0
 
 
+def test_seq_rep_n_by_hand():
+    assert drift.seq_rep_n([[1, 2, 3, 4, 5]], n=4) == 0.0  # 2 distinct 4-grams of 2
+    loop = [7, 8] * 10  # `* **` lines: 17 4-grams, 2 distinct
+    assert drift.seq_rep_n([loop, [1, 2]], n=4) == pytest.approx((1 - 2 / 17 + 0.0) / 2)
+    assert drift.seq_rep_n([], n=4) == 0.0
+    with pytest.raises(ValueError, match="n=0 must be >= 1"):
+        drift.seq_rep_n([[1]], n=0)
+
+
 def test_mismatched_shapes_are_refused_in_one_line():
     with pytest.raises(ValueError, match=r"shape \(3,\) for token counts of shape \(2,\)"):
         drift.kl_per_token(np.zeros(3), np.zeros(3), np.ones(2, int))
@@ -44,6 +53,7 @@ def test_evaluation_of_pi0_against_itself_has_zero_kl(tmp_path, top_p):
     run.close()
     assert abs(record["eval.kl_initial"]) < 1e-4, record
     assert record["eval.nll_initial"] > 0 and 0 <= record["eval.greedy_eos_rate"] <= 1
+    assert 0 <= record["eval.greedy_rep4"] <= 1
     assert record["eval.reward"] == pytest.approx(float(np.mean(rewards)))
     assert [e["prompt"] for e in record["eval.examples"]] == [
         r["prompt"] for r in run.eval_rows[:3]
@@ -55,7 +65,8 @@ def test_summary_shows_drift_and_answers_side_by_side():
         return {
             "iteration": it, "eval.reward": 0.2 + it / 10, "eval.win_score": 60.0,
             "eval.kl_initial": kl, "eval.nll_initial": 0.7 + kl, "eval.greedy_eos_rate": 0.5,
-            "eval.greedy_tokens": 30.0, "eval.eos_rate": 0.25, "eval.response_tokens": 40.0,
+            "eval.greedy_tokens": 30.0, "eval.greedy_rep4": 0.5, "eval.eos_rate": 0.25,
+            "eval.response_tokens": 40.0,
             "eval.examples": [{"prompt": "Say hi.", "answer": answer}],
             "prompts_regenerated": 4, "total.prompts_regenerated": 6,
             "total.tokens_generated": 100, "total.generation_seconds": 1.0,
@@ -65,6 +76,7 @@ def test_summary_shows_drift_and_answers_side_by_side():
     assert "| KL(π_t ‖ π_0) per token, on samples | 0.000 | 0.250 |" in text
     assert "| NLL under π_0 of greedy answers, nats/token | 0.700 | 0.950 |" in text
     assert "| samples ending with EOS | 25% | 25% |" in text
+    assert "| repeated 4-grams in greedy answers (seq-rep-4) | 0.500 | 0.500 |" in text
     assert "**Say hi.**" in text and "| Hi there. | a \\| b<br>c |" in text
 
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from losses import (
     LOSSES,
     bradley_terry_loss,
+    chosen_nll,
     dpo_loss,
     get_loss,
     hinge_loss,
@@ -394,3 +395,15 @@ def test_registry_entry_is_callable_the_way_the_training_loop_calls_it(name):
     logps = np.random.default_rng(4).normal(size=(4, B)).astype(np.float32)
     loss, metrics = jax.jit(spec.fn)(*logps, mask=np.ones(B, bool), **kwargs)
     assert np.isfinite(loss) and METRIC_KEYS <= set(metrics)
+
+
+def test_chosen_nll_is_the_mean_per_token_nll_of_counted_pairs():
+    """RPO's term by hand: pairs 0 and 2 count, −(−6/3 + −1/1)/2 = 1.5; masked values never
+    reach the result or its gradient, even when NaN."""
+    logps = jnp.array([-6.0, jnp.nan, -1.0])
+    tokens = jnp.array([3.0, 5.0, 1.0])
+    mask = jnp.array([True, False, True])
+    assert float(chosen_nll(logps, tokens, mask=mask)) == pytest.approx(1.5)
+    grad = jax.grad(lambda x: chosen_nll(x, tokens, mask=mask))(logps)
+    np.testing.assert_allclose(grad, [-1 / 6, 0.0, -0.5])
+    assert float(chosen_nll(logps, tokens, mask=jnp.zeros(3, bool))) == 0.0
