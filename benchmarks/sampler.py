@@ -211,7 +211,7 @@ def _breakdown(params, config: ModelConfig, prompts, tokens_BT, mask_BT, *,
     weights = jax.tree.map(lambda w: w.astype(dtype), params)
     fill = jax.jit(functools.partial(prefill, config=config, max_len=p + t + new, dtype=dtype))
     _, cache = fill(weights, np.repeat(tokens_BT, n, 0), np.repeat(mask_BT, n, 0),
-                    prefix_P=np.asarray(prefix, np.int32) if p else None)
+                    prefix_F=np.asarray(prefix, np.int32) if p else None)
     logits_RV = 3 * jax.random.normal(jax.random.key(0), (rows, v))  # nucleus > 256 tokens
     peaked_RV = 10 * jax.random.normal(jax.random.key(3), (rows, v))  # nucleus < 256 tokens
     u_R = jax.random.uniform(jax.random.key(4), (rows,))

@@ -17,11 +17,11 @@ from optune_jax import selection
 
 
 def _generated_pool(num_prompts: int, max_len: int, rng: np.random.Generator):
-    tokens_P2L = rng.integers(0, 32_000, (num_prompts, 2, max_len), dtype=np.int32)
+    tokens_P2Y = rng.integers(0, 32_000, (num_prompts, 2, max_len), dtype=np.int32)
     lengths_P2 = rng.integers(1, max_len + 1, (num_prompts, 2), dtype=np.int32)
     rewards_P2 = rng.normal(size=(num_prompts, 2)).astype(np.float32)
     iteration_P = np.zeros(num_prompts, np.int32)
-    return selection.PromptPool(tokens_P2L, lengths_P2, rewards_P2, iteration_P)
+    return selection.PromptPool(tokens_P2Y, lengths_P2, rewards_P2, iteration_P)
 
 
 def _median_ms(fn, *args, repeats: int, **kwargs) -> tuple[float, object]:
@@ -39,11 +39,11 @@ def _time_step(pool, rho: float, rng: np.random.Generator, repeats: int) -> tupl
         selection.select, pool, rho, rng=np.random.default_rng(1), repeats=repeats
     )
     n = idx_N.shape[0]
-    tokens_N2L = rng.integers(0, 32_000, (n, 2, pool.max_len), dtype=np.int32)
+    tokens_N2Y = rng.integers(0, 32_000, (n, 2, pool.max_len), dtype=np.int32)
     lengths_N2 = rng.integers(1, pool.max_len + 1, (n, 2), dtype=np.int32)
     rewards_N2 = rng.normal(size=(n, 2)).astype(np.float32)
     upd_ms, new_pool = _median_ms(
-        selection.update_pool, pool, idx_N, tokens_N2L, lengths_N2, rewards_N2, 1, repeats=repeats
+        selection.update_pool, pool, idx_N, tokens_N2Y, lengths_N2, rewards_N2, 1, repeats=repeats
     )
     pair_ms, _ = _median_ms(selection.build_pairs, new_pool, 1, repeats=repeats)
     return n, [sel_ms, upd_ms, pair_ms]

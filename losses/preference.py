@@ -42,7 +42,7 @@ def _clean(x_B: jax.Array, mask_B: jax.Array) -> jax.Array:
     return jnp.where(mask_B, jnp.asarray(x_B, jnp.float32), 0.0)
 
 
-def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     count = jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
     return jnp.sum(jnp.where(mask, x, 0.0)) / count
 
@@ -80,7 +80,7 @@ def _pairs(
 
 def _reduce(pair_losses_B: jax.Array, pairs: _Pairs) -> tuple[jax.Array, Metrics]:
     # SPEC §2: weight times per-pair loss, then the mean over counted pairs.
-    mean = lambda x_B: _masked_mean(x_B, pairs.mask_B)
+    mean = lambda x_B: masked_mean(x_B, pairs.mask_B)
     margin_B = pairs.margin_B
     metrics = {
         "margin": mean(margin_B),
@@ -223,7 +223,7 @@ def chosen_nll(
     chex.assert_equal_shape([policy_chosen_logps, chosen_tokens])
     mask_B = _mask_or_all(mask, policy_chosen_logps)
     tokens_B = jnp.maximum(_clean(chosen_tokens, mask_B), 1.0)
-    return _masked_mean(-_clean(policy_chosen_logps, mask_B) / tokens_B, mask_B)
+    return masked_mean(-_clean(policy_chosen_logps, mask_B) / tokens_B, mask_B)
 
 
 def bradley_terry_loss(
@@ -247,7 +247,7 @@ def bradley_terry_loss(
     mask_B = _mask_or_all(mask, chosen_scores)
     chosen_B, rejected_B = _clean(chosen_scores, mask_B), _clean(rejected_scores, mask_B)
     margin_B = chosen_B - rejected_B
-    mean = lambda x_B: _masked_mean(x_B, mask_B)
+    mean = lambda x_B: masked_mean(x_B, mask_B)
     metrics = {
         "margin": mean(margin_B),
         "accuracy": mean((margin_B > 0).astype(jnp.float32)),

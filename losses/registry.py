@@ -15,7 +15,7 @@ class LossSpec:
     Every `fn` takes the four per-pair logps (policy chosen, policy rejected, reference chosen,
     reference rejected) positionally, `mask=` (and optionally `weights=`) by keyword, and:
       needs_rewards: `chosen_rewards=`, `rejected_rewards=` (explicit rewards of the pair).
-      needs_samples: `sample_policy_logps_PK=`, `sample_reference_logps_PK=` (online samples, and
+      needs_samples: `sample_policy_logps_PS=`, `sample_reference_logps_PS=` (online samples, and
         optionally `sample_mask_P=`).
       hyperparams: the names of the hyperparameters it reads, passed by keyword.
     It returns `(loss, metrics)`.

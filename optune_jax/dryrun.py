@@ -54,7 +54,7 @@ def architecture(model):
     """The ModelConfig of the `model` section, read without loading any weight."""
     from models import SMOLLM2, ModelConfig, find_smollm2_gguf, load_tokenizer
     from models.gguf_io import read_gguf_config
-    from optune_jax.loop import random_architecture
+    from optune_jax.components import random_architecture
 
     if model.checkpoint == "random":
         r = model.random
@@ -79,35 +79,27 @@ def _train_inputs(cfg, config, mesh, rules):
     """Abstract (state, batch, frozen, params) as the loop feeds the step, and its pieces."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from losses import get_loss
     from models import init_params
-    from models.lora import LoraSpec, init_lora, lora_logical_axes
+    from models.lora import init_lora, lora_logical_axes
     from optune_jax import sharding
-    from optune_jax.train_step import TrainState, make_optimizer
+    from optune_jax.batch import PairBatch
+    from optune_jax.components import build_optimizer, lora_spec
+    from optune_jax.train_step import TrainState
 
     t, m = cfg.train, cfg.model
     shapes = jax.eval_shape(
         lambda: init_params(config, jax.random.key(0), param_dtype=m.param_dtype)
     )
     params = _abstract(shapes, sharding.param_shardings(config, mesh, rules))
-    trainable, frozen, lora = params, None, None
-    if cfg.lora.rank > 0:
-        lc = cfg.lora
-        lora = LoraSpec(lc.rank, lc.alpha, tuple(lc.targets), lc.num_adapters)
+    trainable, frozen, lora = params, None, lora_spec(cfg.lora)
+    if lora is not None:
         adapters = jax.eval_shape(lambda: init_lora(shapes, lora, jax.random.key(0)))
         specs = lora_logical_axes(config, lora)
         trainable = _abstract(adapters, sharding.tree_shardings(adapters, specs, mesh, rules))
         frozen = params
-    optimizer = make_optimizer(
-        name=t.optimizer,
-        learning_rate=t.learning_rate,
-        total_steps=100,
-        warmup_ratio=t.warmup_ratio,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-    )
+    optimizer = build_optimizer(t, total_steps=100)
     shardings = sharding.state_shardings(
         optimizer, trainable, jax.tree.map(lambda x: x.sharding, trainable), mesh
     )
@@ -116,22 +108,9 @@ def _train_inputs(cfg, config, mesh, rules):
     # A micro-batches of M pairs, each row prompt + response tokens (optune_jax.pairs)
     a, mb = t.batch_size // t.micro_batch_size, t.micro_batch_size
     seq = cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens
-    shapes = {
-        "tokens_AM2T": ((a, mb, 2, seq), np.int32),
-        "attn_AM2T": ((a, mb, 2, seq), np.int32),
-        "resp_AM2T": ((a, mb, 2, seq), np.int32),
-        "ref_logps_AM2": ((a, mb, 2), np.float32),
-        "rewards_AM2": ((a, mb, 2), np.float32),
-        "pair_mask_AM": ((a, mb), np.bool_),
-    }
-    if get_loss(cfg.loss.name).needs_samples:  # HyPO's online samples ride along
-        k = cfg.hypo.samples_per_prompt
-        for name in ("tokens", "attn", "resp"):
-            shapes[f"sample_{name}_AMKT"] = ((a, mb, k, seq), np.int32)
-        shapes["sample_ref_logps_AMK"] = ((a, mb, k), np.float32)
-        shapes["sample_mask_AM"] = ((a, mb), np.bool_)
+    samples = cfg.hypo.samples_per_prompt if get_loss(cfg.loss.name).needs_samples else 0
     split = sharding.batch_sharding(mesh, rules, mb, axis=1)
-    batch = {n: jax.ShapeDtypeStruct(s, d, sharding=split) for n, (s, d) in shapes.items()}
+    batch = PairBatch.abstract((a, mb), seq, samples=samples, sharding=split)
     return state, shardings, batch, frozen, params, optimizer, lora
 
 
@@ -143,13 +122,13 @@ def plan(cfg, devices) -> Plan:
 
     from models import cache_slots
     from optune_jax import sharding
+    from optune_jax.components import build_mesh
     from optune_jax.train_step import LossChoice, PolicySpec, train_step
     from sampling import SamplingOptions, generate
 
     config = architecture(cfg.model)
     m, t, s, p_len = cfg.mesh, cfg.train, cfg.sampling, cfg.data.max_prompt_tokens
-    mesh = sharding.make_mesh((m.data, m.fsdp, m.tensor), devices)
-    rules = sharding.make_rules(m.rules)
+    mesh, rules = build_mesh(m, devices)
     state, shardings, batch, frozen, params, optimizer, lora = _train_inputs(
         cfg, config, mesh, rules
     )

@@ -33,6 +33,10 @@ class RunError(ValueError):
     """A run that cannot start, resume or go on as asked; the message is one line."""
 
 
+class ConfigError(RunError):
+    """A configuration that cannot be loaded; the message is one line naming the bad value."""
+
+
 def one_line(error: BaseException, limit: int = 160) -> str:
     """`Type: first line of the message`, cut to `limit` characters (a library's error, for
     a one-line message); the cause when `error` wraps one (datasets' generation errors do)."""

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from optune_jax.batch import ScoredPairBatch
 from optune_jax.data import DataError, read_table
 from sampling.batching import bucket, length_buckets
 
@@ -188,19 +189,14 @@ def pair_batch(
     micro_batch_size: int,
     max_len: int,
     pad_id: int,
-) -> dict[str, np.ndarray]:
-    """One training batch of pairs `idx` (filled up to `batch_size` with masked pairs).
-
-    Returns tokens_AM2T, mask_AM2T (chosen at index 0, rejected at 1) and pair_mask_AM, with
-    A = batch_size / micro_batch_size micro-batches of M pairs.
-    """
+) -> ScoredPairBatch:
+    """One training batch [A, M] of pairs `idx` (filled up to `batch_size` with masked pairs),
+    A = batch_size / micro_batch_size micro-batches of M pairs."""
     rows = [ids for i in idx for ids in (chosen[i], rejected[i])]
     length = length_bucket(max(map(len, rows)), max_len)
     tokens, mask = pad_rows(rows, rows=2 * batch_size, length=length, pad_id=pad_id)
     a, m = batch_size // micro_batch_size, micro_batch_size
     pair_mask = np.arange(batch_size) < len(idx)
-    return {
-        "tokens_AM2T": tokens.reshape(a, m, 2, length),
-        "mask_AM2T": mask.reshape(a, m, 2, length),
-        "pair_mask_AM": pair_mask.reshape(a, m),
-    }
+    return ScoredPairBatch(
+        tokens.reshape(a, m, 2, length), mask.reshape(a, m, 2, length), pair_mask.reshape(a, m)
+    )

@@ -7,9 +7,9 @@ return a new pool whose arrays are read-only.
 
 One iteration on the host:
 
-    idx_N = select(pool, rho, method="lowest", key="chosen", rng=rng)        # SPEC §4 step 1
+    idx_N = select(pool, rho, selection="reward", rank_key="chosen", rng=rng)  # SPEC §4 step 1
     ... sample two responses per selected prompt, score them ...              # steps 2-3
-    pool = update_pool(pool, idx_N, tokens_N2L, lengths_N2, rewards_N2, t)   # step 4
+    pool = update_pool(pool, idx_N, tokens_N2Y, lengths_N2, rewards_N2, t)   # step 4
     pairs = build_pairs(pool, t)                                              # steps 5-6
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 
 NEVER_GENERATED = -1
 RANKING_KEYS = ("chosen", "mean", "rejected")
-METHODS = ("lowest", "random")
+SELECTIONS = ("reward", "random")  # the config's optune.selection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,14 +30,14 @@ class PromptPool:
     """Current pair of every prompt. Arrays are stored as read-only views.
 
     Attributes:
-      tokens_P2L: int32 token ids of the two responses, right-padded with `pad_id`.
-      lengths_P2: int32 number of real tokens of each response (0..L).
+      tokens_P2Y: int32 token ids of the two responses, right-padded with `pad_id`.
+      lengths_P2: int32 number of real tokens of each response (0..Y).
       rewards_P2: float32 reward of each response (NaN where never generated).
       iteration_P: int32 iteration the current pair was generated in, -1 = never.
       pad_id: the id the token rows are padded with.
     """
 
-    tokens_P2L: np.ndarray
+    tokens_P2Y: np.ndarray
     lengths_P2: np.ndarray
     rewards_P2: np.ndarray
     iteration_P: np.ndarray
@@ -45,13 +45,13 @@ class PromptPool:
 
     def __post_init__(self):
         num_prompts = self.iteration_P.shape[0] if self.iteration_P.ndim == 1 else -1
-        if num_prompts < 0 or self.tokens_P2L.ndim != 3:
+        if num_prompts < 0 or self.tokens_P2Y.ndim != 3:
             raise ValueError(
-                f"PromptPool: expected iteration_P of rank 1 and tokens_P2L of rank 3, got "
-                f"{self.iteration_P.shape} and {self.tokens_P2L.shape}"
+                f"PromptPool: expected iteration_P of rank 1 and tokens_P2Y of rank 3, got "
+                f"{self.iteration_P.shape} and {self.tokens_P2Y.shape}"
             )
         expected = {
-            "tokens_P2L": ((num_prompts, 2, self.tokens_P2L.shape[2]), np.int32),
+            "tokens_P2Y": ((num_prompts, 2, self.tokens_P2Y.shape[2]), np.int32),
             "lengths_P2": ((num_prompts, 2), np.int32),
             "rewards_P2": ((num_prompts, 2), np.float32),
             "iteration_P": ((num_prompts,), np.int32),
@@ -78,7 +78,7 @@ class PromptPool:
 
     @property
     def max_len(self) -> int:
-        return self.tokens_P2L.shape[2]
+        return self.tokens_P2Y.shape[2]
 
     @classmethod
     def empty(cls, num_prompts: int, max_len: int, *, pad_id: int = 0) -> PromptPool:
@@ -89,7 +89,7 @@ class PromptPool:
                 f"{num_prompts} and {max_len}"
             )
         return cls(
-            tokens_P2L=np.full((num_prompts, 2, max_len), pad_id, np.int32),
+            tokens_P2Y=np.full((num_prompts, 2, max_len), pad_id, np.int32),
             lengths_P2=np.zeros((num_prompts, 2), np.int32),
             rewards_P2=np.full((num_prompts, 2), np.nan, np.float32),
             iteration_P=np.full((num_prompts,), NEVER_GENERATED, np.int32),
@@ -99,28 +99,28 @@ class PromptPool:
 
 @dataclasses.dataclass(frozen=True)
 class Pairs:
-    """The preference pairs of D_t (SPEC §4 step 5); K = prompts whose two rewards differ.
+    """The preference pairs of D_t (SPEC §4 step 5); Q = prompts whose two rewards differ.
 
     Attributes:
-      prompt_idx_K: int32 prompt index of each pair, ascending.
-      chosen_tokens_KL, rejected_tokens_KL: int32 tokens of y_w and y_l (higher reward = chosen).
-      chosen_lengths_K, rejected_lengths_K: int32 lengths of y_w and y_l.
-      chosen_rewards_K, rejected_rewards_K: float32 rewards r(x, y_w) >= r(x, y_l).
-      is_new_K: bool, the pair was generated in the current iteration.
+      prompt_idx_Q: int32 prompt index of each pair, ascending.
+      chosen_tokens_QY, rejected_tokens_QY: int32 tokens of y_w and y_l (higher reward = chosen).
+      chosen_lengths_Q, rejected_lengths_Q: int32 lengths of y_w and y_l.
+      chosen_rewards_Q, rejected_rewards_Q: float32 rewards r(x, y_w) >= r(x, y_l).
+      is_new_Q: bool, the pair was generated in the current iteration.
       tie_P: bool over all prompts, r1 == r2: no preference, dropped from the loss.
       num_ties: tie_P.sum().
       num_new, num_kept: prompts (ties included) whose pair is new / carried over.
       mean_reward_new, mean_reward_kept: mean of (r1 + r2) / 2 over those prompts; NaN if none.
     """
 
-    prompt_idx_K: np.ndarray
-    chosen_tokens_KL: np.ndarray
-    rejected_tokens_KL: np.ndarray
-    chosen_lengths_K: np.ndarray
-    rejected_lengths_K: np.ndarray
-    chosen_rewards_K: np.ndarray
-    rejected_rewards_K: np.ndarray
-    is_new_K: np.ndarray
+    prompt_idx_Q: np.ndarray
+    chosen_tokens_QY: np.ndarray
+    rejected_tokens_QY: np.ndarray
+    chosen_lengths_Q: np.ndarray
+    rejected_lengths_Q: np.ndarray
+    chosen_rewards_Q: np.ndarray
+    rejected_rewards_Q: np.ndarray
+    is_new_Q: np.ndarray
     tie_P: np.ndarray
     num_ties: int
     num_new: int
@@ -175,8 +175,8 @@ def select(
     pool: PromptPool,
     rho: float,
     *,
-    method: str = "lowest",
-    key: str = "chosen",
+    selection: str = "reward",
+    rank_key: str = "chosen",
     rng: np.random.Generator,
 ) -> np.ndarray:
     """Prompts to regenerate this iteration (SPEC §4 step 1), as ascending int64 indices.
@@ -184,29 +184,29 @@ def select(
     Args:
       pool: the current pool.
       rho: selection ratio in (0, 1].
-      method: "lowest" (OPTune: lowest ranking keys) or "random" (the Rdm_rho baseline).
-      key: ranking key for "lowest": "chosen" (default), "mean" or "rejected".
-      rng: seeded generator; it breaks ties ("lowest") or draws the sample ("random").
+      selection: "reward" (OPTune: the lowest ranking keys) or "random" (the Rdm_rho baseline).
+      rank_key: ranking key for "reward": "chosen" (default), "mean" or "rejected".
+      rng: seeded generator; it breaks ties ("reward") or draws the sample ("random").
 
     Returns every prompt when any prompt was never generated (iteration 0 generates all of them,
     and a never-generated prompt must always be selected) or when rho == 1.
     """
     _check_rho(rho)
-    if method not in METHODS:
-        raise ValueError(f"unknown selection method {method!r}; expected one of {METHODS}")
-    if key not in RANKING_KEYS:
-        raise ValueError(f"unknown ranking key {key!r}; expected one of {RANKING_KEYS}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown selection {selection!r}; expected one of {SELECTIONS}")
+    if rank_key not in RANKING_KEYS:
+        raise ValueError(f"unknown ranking key {rank_key!r}; expected one of {RANKING_KEYS}")
     if rho == 1 or (pool.iteration_P == NEVER_GENERATED).any():
         return np.arange(pool.num_prompts)
-    if method == "random":
+    if selection == "random":
         return select_random(pool.num_prompts, rho, rng)
-    return select_lowest(ranking_keys(pool.rewards_P2, key), rho, rng)
+    return select_lowest(ranking_keys(pool.rewards_P2, rank_key), rho, rng)
 
 
 def update_pool(
     pool: PromptPool,
     idx_N: np.ndarray,
-    tokens_N2L: np.ndarray,
+    tokens_N2Y: np.ndarray,
     lengths_N2: np.ndarray,
     rewards_N2: np.ndarray,
     iteration: int,
@@ -216,7 +216,7 @@ def update_pool(
     Args:
       pool: the current pool (unchanged).
       idx_N: distinct prompt indices that were regenerated.
-      tokens_N2L: their two responses' token ids, right-padded to the pool's max_len.
+      tokens_N2Y: their two responses' token ids, right-padded to the pool's max_len.
       lengths_N2: their lengths, in [0, max_len].
       rewards_N2: their finite rewards.
       iteration: the current iteration t >= 0.
@@ -224,7 +224,7 @@ def update_pool(
     idx_N = np.asarray(idx_N)
     n, max_len = idx_N.shape[0], pool.max_len
     _check_shape("update_pool", "idx_N", idx_N, (n,))
-    _check_shape("update_pool", "tokens_N2L", tokens_N2L, (n, 2, max_len))
+    _check_shape("update_pool", "tokens_N2Y", tokens_N2Y, (n, 2, max_len))
     _check_shape("update_pool", "lengths_N2", lengths_N2, (n, 2))
     _check_shape("update_pool", "rewards_N2", rewards_N2, (n, 2))
     if iteration < 0:
@@ -238,15 +238,15 @@ def update_pool(
     if not np.isfinite(rewards_N2).all():
         raise ValueError("update_pool: rewards_N2 has a NaN or infinite reward")
 
-    tokens_P2L = pool.tokens_P2L.copy()
+    tokens_P2Y = pool.tokens_P2Y.copy()
     lengths_P2 = pool.lengths_P2.copy()
     rewards_P2 = pool.rewards_P2.copy()
     iteration_P = pool.iteration_P.copy()
-    tokens_P2L[idx_N] = tokens_N2L
+    tokens_P2Y[idx_N] = tokens_N2Y
     lengths_P2[idx_N] = lengths_N2
     rewards_P2[idx_N] = rewards_N2
     iteration_P[idx_N] = iteration
-    return PromptPool(tokens_P2L, lengths_P2, rewards_P2, iteration_P, pool.pad_id)
+    return PromptPool(tokens_P2Y, lengths_P2, rewards_P2, iteration_P, pool.pad_id)
 
 
 def build_pairs(pool: PromptPool, iteration: int) -> Pairs:
@@ -264,21 +264,21 @@ def build_pairs(pool: PromptPool, iteration: int) -> Pairs:
         )
     r1_P, r2_P = pool.rewards_P2[:, 0], pool.rewards_P2[:, 1]
     tie_P = r1_P == r2_P
-    prompt_idx_K = np.flatnonzero(~tie_P).astype(np.int32)
-    winner_K = (r2_P[prompt_idx_K] > r1_P[prompt_idx_K]).astype(np.intp)
-    loser_K = 1 - winner_K
+    prompt_idx_Q = np.flatnonzero(~tie_P).astype(np.int32)
+    winner_Q = (r2_P[prompt_idx_Q] > r1_P[prompt_idx_Q]).astype(np.intp)
+    loser_Q = 1 - winner_Q
 
     new_P = pool.iteration_P == iteration
     pair_reward_P = pool.rewards_P2.mean(axis=1, dtype=np.float32)
     return Pairs(
-        prompt_idx_K=prompt_idx_K,
-        chosen_tokens_KL=pool.tokens_P2L[prompt_idx_K, winner_K],
-        rejected_tokens_KL=pool.tokens_P2L[prompt_idx_K, loser_K],
-        chosen_lengths_K=pool.lengths_P2[prompt_idx_K, winner_K],
-        rejected_lengths_K=pool.lengths_P2[prompt_idx_K, loser_K],
-        chosen_rewards_K=pool.rewards_P2[prompt_idx_K, winner_K],
-        rejected_rewards_K=pool.rewards_P2[prompt_idx_K, loser_K],
-        is_new_K=new_P[prompt_idx_K],
+        prompt_idx_Q=prompt_idx_Q,
+        chosen_tokens_QY=pool.tokens_P2Y[prompt_idx_Q, winner_Q],
+        rejected_tokens_QY=pool.tokens_P2Y[prompt_idx_Q, loser_Q],
+        chosen_lengths_Q=pool.lengths_P2[prompt_idx_Q, winner_Q],
+        rejected_lengths_Q=pool.lengths_P2[prompt_idx_Q, loser_Q],
+        chosen_rewards_Q=pool.rewards_P2[prompt_idx_Q, winner_Q],
+        rejected_rewards_Q=pool.rewards_P2[prompt_idx_Q, loser_Q],
+        is_new_Q=new_P[prompt_idx_Q],
         tie_P=tie_P,
         num_ties=int(tie_P.sum()),
         num_new=int(new_P.sum()),

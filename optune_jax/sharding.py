@@ -7,7 +7,7 @@
     step = jit_train_step(fn, mesh, rules, state_shardings=shardings,
                           batch_sharding=batch_sharding(mesh, rules, micro_batch_size, axis=1))
 
-Model code speaks only logical names (models/mistral.py); this file alone knows mesh axes.
+Model code speaks only logical names (models/layers.py); this file alone knows mesh axes.
 Activation constraints (`nn.with_logical_constraint`) take effect inside `rules_context`.
 """
 
@@ -25,7 +25,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from models import ModelConfig, init_params, logical_axes
-from optune_jax.config import MESH_AXES  # ("data", "fsdp", "tensor")
+from optune_jax.schema import MESH_AXES  # ("data", "fsdp", "tensor")
 from optune_jax.train_step import TrainState
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]

@@ -12,8 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from optune_jax.config import ConfigError, load_config
-from optune_jax.errors import RunError
+from optune_jax.config import load_config
+from optune_jax.errors import ConfigError, RunError
 
 
 def variant_name(rho: float, selection: str, seed: int) -> str:
@@ -58,7 +58,8 @@ def main(argv=None) -> int:
             print(f"[{i + 1}/{len(todo)}] {name}: done, skipped")
             continue
         print(f"[{i + 1}/{len(todo)}] {name}")
-        from optune_jax.train import report_error, summary_table, write_summary
+        from optune_jax.cli import report_error, write_summary
+        from optune_jax.train import summary_table
 
         try:
             run = OptuneRun(

@@ -1,11 +1,5 @@
-"""The pure training step over preference pairs, and the reference-logp pass.
-
-A pair batch holds, for each pair m of each micro-batch a, chosen (index 0) and rejected
-(index 1) sequences laid out as prompt (left-padded to P columns) ⊕ response (right-padded):
-  tokens_AM2T, attn_AM2T   int32 tokens and attention mask
-  resp_AM2T                1 on response tokens (EOS included)
-  ref_logps_AM2            reference logps (SPEC §3), rewards_AM2 explicit rewards
-  pair_mask_AM             False for ties, dropped or filler pairs
+"""The pure training step over preference pairs (`optune_jax.batch.PairBatch` [A, M]), and the
+reference-logp pass over rows of prompt (left-padded to `prompt_len` columns) ⊕ response.
 """
 
 from __future__ import annotations
@@ -22,6 +16,7 @@ from flax import struct
 from losses import chosen_nll, get_loss, sequence_logps
 from models import ModelConfig, forward
 from models.lora import LoraSpec, merge
+from optune_jax.batch import PairBatch
 from optune_jax.errors import RunError
 
 
@@ -96,89 +91,87 @@ def make_optimizer(
     return opt
 
 
-def response_logps(params, tokens_RT, attn_RT, resp_RT, *, policy: PolicySpec, prompt_len: int):
+def response_logps(params, tokens_BT, attn_BT, resp_BT, *, policy: PolicySpec, prompt_len: int):
     """Sequence logps [R] of each row's response (SPEC §1); logits only over response columns."""
     logits = forward(
         params,
-        tokens_RT[:, :-1],
-        attn_RT[:, :-1],
+        tokens_BT[:, :-1],
+        attn_BT[:, :-1],
         config=policy.config,
         dtype=policy.dtype,
         remat=policy.remat,
         logits_from=prompt_len - 1,
     )
     return sequence_logps(
-        logits, tokens_RT[:, prompt_len:], resp_RT[:, prompt_len:], average=policy.average_logps
+        logits, tokens_BT[:, prompt_len:], resp_BT[:, prompt_len:], average=policy.average_logps
     )
 
 
-def _policy_loss(params, micro, *, policy: PolicySpec, loss: LossChoice, prompt_len: int):
-    """The configured loss on one micro-batch: pairs (and HyPO's online samples) in one pass."""
-    m = micro["tokens_M2T"].shape[0]
+def policy_loss(
+    params, micro: PairBatch, *, policy: PolicySpec, loss: LossChoice, prompt_len: int
+):
+    """The configured loss on one micro-batch [M]: pairs (and HyPO's samples) in one pass."""
+    m = micro.tokens.shape[0]
     spec = get_loss(loss.name)
-    names = ("tokens", "attn", "resp")
-    rows = {n: [micro[f"{n}_M2T"].reshape(2 * m, -1)] for n in names}
-    if spec.needs_samples:  # k online samples per prompt for the KL term (SPEC §5)
-        k = micro["sample_tokens_MKT"].shape[1]
-        for n in names:
-            rows[n].append(micro[f"sample_{n}_MKT"].reshape(m * k, -1))
-    rows = {n: jnp.concatenate(r, axis=0) for n, r in rows.items()}
-    logps = response_logps(
-        params, rows["tokens"], rows["attn"], rows["resp"], policy=policy, prompt_len=prompt_len
-    )
+    rows = [[x.reshape(2 * m, -1)] for x in (micro.tokens, micro.attn, micro.resp)]
+    if spec.needs_samples:  # S online samples per prompt for the KL term (SPEC §5)
+        samples = micro.samples
+        s = samples.tokens.shape[1]
+        for r, x in zip(rows, (samples.tokens, samples.attn, samples.resp), strict=True):
+            r.append(x.reshape(m * s, -1))
+    tokens, attn, resp = (jnp.concatenate(r, axis=0) for r in rows)
+    logps = response_logps(params, tokens, attn, resp, policy=policy, prompt_len=prompt_len)
     logps_M2 = logps[: 2 * m].reshape(m, 2)
     extra = {}
     if spec.needs_rewards:
-        extra = dict(
-            chosen_rewards=micro["rewards_M2"][:, 0], rejected_rewards=micro["rewards_M2"][:, 1]
-        )
+        extra = dict(chosen_rewards=micro.rewards[:, 0], rejected_rewards=micro.rewards[:, 1])
     if spec.needs_samples:
         extra = dict(
-            sample_policy_logps_PK=logps[2 * m :].reshape(m, k),
-            sample_reference_logps_PK=micro["sample_ref_logps_MK"],
-            sample_mask_P=micro["sample_mask_M"],
+            sample_policy_logps_PS=logps[2 * m :].reshape(m, s),
+            sample_reference_logps_PS=samples.ref_logps,
+            sample_mask_P=samples.mask,
         )
     value, metrics = spec.fn(
         logps_M2[:, 0],
         logps_M2[:, 1],
-        micro["ref_logps_M2"][:, 0],
-        micro["ref_logps_M2"][:, 1],
-        mask=micro["pair_mask_M"],
+        micro.ref_logps[:, 0],
+        micro.ref_logps[:, 1],
+        mask=micro.pair_mask,
         **extra,
         **dict(loss.hyperparams),
     )
     if loss.rpo_alpha:  # RPO (Pang et al. 2024, Eq. 2): + α · NLL(y_w) / |y_w|
-        tokens = micro["resp_M2T"][:, 0].sum(-1).astype(jnp.float32)
+        tokens = micro.resp[:, 0].sum(-1).astype(jnp.float32)
         if policy.average_logps:  # the logps are per-token means already
             tokens = jnp.ones_like(tokens)
-        nll = chosen_nll(logps_M2[:, 0], tokens, mask=micro["pair_mask_M"])
+        nll = chosen_nll(logps_M2[:, 0], tokens, mask=micro.pair_mask)
         value, metrics = value + loss.rpo_alpha * nll, {**metrics, "nll_chosen": nll}
     return value, metrics
 
 
 def _trainable_loss(trainable, micro, frozen, *, lora: LoraSpec | None, **kw):
     if lora is None:
-        return _policy_loss(trainable, micro, **kw)
+        return policy_loss(trainable, micro, **kw)
 
     # BPO's ensemble (SPEC §3): every adapter trains on the same pairs; losses averaged
     def one(adapter):
-        return _policy_loss(merge(frozen, trainable, lora, adapter=adapter), micro, **kw)
+        return policy_loss(merge(frozen, trainable, lora, adapter=adapter), micro, **kw)
 
     values, metrics = jax.lax.map(one, jnp.arange(lora.num_adapters))
     return values.mean(), jax.tree.map(lambda x: x.mean(0), metrics)
 
 
-def accumulated_step(state: TrainState, batch: dict, loss_fn, *, optimizer):
+def accumulated_step(state: TrainState, batch, loss_fn, *, optimizer):
     """One optimizer step over A micro-batches (gradient accumulation inside the step).
 
-    `loss_fn(params, micro) -> (mean loss, metrics)` sees one micro-batch: `batch`'s arrays with
-    the leading A axis removed (names `*_AM*` become `*_M*`). Each micro-batch's mean loss is
-    weighted by its share of the counted pairs (`pair_mask_AM`), so the step equals one step on
-    the whole batch. Returns (new state, metrics averaged the same way, plus num_pairs and
+    `batch`: a typed batch [A, M] with a `pair_mask` (`optune_jax.batch`). `loss_fn(params,
+    micro) -> (mean loss, metrics)` sees one micro-batch [M]. Each micro-batch's mean loss is
+    weighted by its share of the counted pairs, so the step equals one step on the whole
+    batch. Returns (new state, metrics averaged the same way, plus num_pairs and
     grad_norm, and skipped: 1.0 when the step was non-finite and the state is returned
     unchanged).
     """
-    counts_A = jnp.sum(batch["pair_mask_AM"], axis=1).astype(jnp.float32)
+    counts_A = jnp.sum(batch.pair_mask, axis=1).astype(jnp.float32)
     share_A = counts_A / jnp.maximum(jnp.sum(counts_A), 1.0)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -191,14 +184,13 @@ def accumulated_step(state: TrainState, batch: dict, loss_fn, *, optimizer):
         metrics = {k: metrics[k] + share * m[k] for k in metrics}
         return (grads, metrics), None
 
-    micro_batches = {k.replace("_AM", "_M"): v for k, v in batch.items()}
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    first = jax.tree.map(lambda x: x[0], micro_batches)
+    first = jax.tree.map(lambda x: x[0], batch)
     metric_zeros = jax.tree.map(
         jnp.zeros_like,
         jax.eval_shape(lambda: {**grad_fn(state.params, first)[0][1], "loss": jnp.zeros(())}),
     )
-    (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, metric_zeros), (micro_batches, share_A))
+    (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, metric_zeros), (batch, share_A))
     metrics["num_pairs"] = jnp.sum(counts_A)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -251,7 +243,7 @@ class NonFiniteGuard:
 
 def train_step(
     state: TrainState,
-    batch: dict,
+    batch: PairBatch,
     frozen=None,
     *,
     optimizer: optax.GradientTransformation,

@@ -113,10 +113,10 @@ def kv_cache_bytes(config: ModelConfig, rows: int, max_len: int, dtype: str = "f
 class Generation:
     """Host (NumPy) results in the caller's prompt order, with the cost accounting."""
 
-    tokens: np.ndarray  # [P, S, max_new_tokens] int32
-    lengths: np.ndarray  # [P, S] int32
-    finished: np.ndarray  # [P, S] bool
-    logps: np.ndarray  # [P, S, max_new_tokens] float32
+    tokens: np.ndarray  # [N, S, max_new_tokens] int32
+    lengths: np.ndarray  # [N, S] int32
+    finished: np.ndarray  # [N, S] bool
+    logps: np.ndarray  # [N, S, max_new_tokens] float32
     tokens_generated: int
     max_cache_bytes: int
     shapes: set[tuple[int, int, int]]  # the (batch, prompt length, packed lines) run
@@ -211,8 +211,8 @@ def sample_prompts(
             )
         )
         k = len(idx)
-        out.tokens[idx], out.lengths[idx] = res.tokens_BSL[:k], res.lengths_BS[:k]
-        out.finished[idx], out.logps[idx] = res.finished_BS[:k], res.logps_BSL[:k]
+        out.tokens[idx], out.lengths[idx] = res.tokens_BSY[:k], res.lengths_BS[:k]
+        out.finished[idx], out.logps[idx] = res.finished_BS[:k], res.logps_BSY[:k]
         out.tokens_generated += int(res.lengths_BS[:k].sum())
         out.max_cache_bytes = max(
             out.max_cache_bytes, kv_cache_bytes(config, b * n, p + t + budget, dtype)

@@ -44,10 +44,10 @@ class SamplingOptions:
 class Samples:
     """Per prompt b and sample s: response tokens (pad after EOS), lengths, EOS flags, logps."""
 
-    tokens_BSL: jax.Array  # int32
+    tokens_BSY: jax.Array  # int32
     lengths_BS: jax.Array  # int32, EOS included
     finished_BS: jax.Array  # bool: ended with one of the EOS ids
-    logps_BSL: jax.Array  # float32 log-probabilities under the sampling distribution, 0 on pad
+    logps_BSY: jax.Array  # float32 log-probabilities under the sampling distribution, 0 on pad
     steps: jax.Array  # int32: decode steps run (< max_new_tokens when every row ended early)
 
 
@@ -56,8 +56,8 @@ class _LoopState:
     step: jax.Array
     logits_RV: jax.Array
     cache: KVCache
-    tokens_RL: jax.Array
-    logps_RL: jax.Array
+    tokens_RY: jax.Array
+    logps_RY: jax.Array
     done_R: jax.Array
     lengths_R: jax.Array
 
@@ -73,7 +73,7 @@ def row_keys(
     )(per_prompt).reshape(-1)
 
 
-def _draw(keys_R, step, logits_RV, opts: SamplingOptions):
+def draw_next(keys_R, step, logits_RV, opts: SamplingOptions):
     if opts.greedy:
         token = jnp.argmax(logits_RV, axis=-1).astype(jnp.int32)
         return token, jnp.zeros(token.shape, jnp.float32)
@@ -91,7 +91,7 @@ def generate(
     prompt_ids_B,
     seed,
     iteration,
-    prefix_P=None,
+    prefix_F=None,
     pack_GW=None,
     *,
     config: ModelConfig,
@@ -100,15 +100,15 @@ def generate(
 ) -> Samples:
     """Samples `opts.num_samples` responses for each left-padded prompt.
 
-    `prefix_P` (int32 [P]), when given, is a prefix shared by every prompt, computed once: row
-    b's prompt is then prefix_P followed by its real tokens in `prompt_BT`. `pack_GW`, when
+    `prefix_F` (int32 [F]), when given, is a prefix shared by every prompt, computed once: row
+    b's prompt is then prefix_F followed by its real tokens in `prompt_BT`. `pack_GW`, when
     given, prefills those tokens packed into lines (`models.prefill`, `pack_rows`).
     The draw for (prompt id, sample index, seed, iteration) does not depend on which other
     prompts share the batch. Decoding stops when every row has produced an EOS id or
     `max_new_tokens` are spent.
     """
     b, t = prompt_BT.shape
-    p = 0 if prefix_P is None else prefix_P.shape[0]
+    p = 0 if prefix_F is None else prefix_F.shape[0]
     n, budget = opts.num_samples, opts.max_new_tokens
     logits_BV, cache = prefill(
         params,
@@ -117,7 +117,7 @@ def generate(
         config=config,
         max_len=p + t + budget,
         dtype=dtype,
-        prefix_P=prefix_P,
+        prefix_F=prefix_F,
         pack_GW=pack_GW,
     )
     # each prompt's prefill is shared by its n samples (every cache array but `index` leads with B)
@@ -130,13 +130,13 @@ def generate(
 
     def record(s: _LoopState) -> tuple[_LoopState, jax.Array]:
         """Draws the token of step `s.step` from `s.logits_RV` (pad for finished rows)."""
-        token, logp = _draw(keys_R, s.step, s.logits_RV, opts)
+        token, logp = draw_next(keys_R, s.step, s.logits_RV, opts)
         token = jnp.where(s.done_R, opts.pad_id, token)
         logp = jnp.where(s.done_R, 0.0, logp)
         return s.replace(
             step=s.step + 1,
-            tokens_RL=jax.lax.dynamic_update_slice(s.tokens_RL, token[:, None], (0, s.step)),
-            logps_RL=jax.lax.dynamic_update_slice(s.logps_RL, logp[:, None], (0, s.step)),
+            tokens_RY=jax.lax.dynamic_update_slice(s.tokens_RY, token[:, None], (0, s.step)),
+            logps_RY=jax.lax.dynamic_update_slice(s.logps_RY, logp[:, None], (0, s.step)),
             done_R=s.done_R | jnp.isin(token, eos),
             lengths_R=s.lengths_R + (~s.done_R).astype(jnp.int32),
         ), token
@@ -153,8 +153,8 @@ def generate(
         step=jnp.zeros((), jnp.int32),
         logits_RV=jnp.repeat(logits_BV, n, axis=0),
         cache=cache,
-        tokens_RL=jnp.full((rows, budget), opts.pad_id, jnp.int32),
-        logps_RL=jnp.zeros((rows, budget), jnp.float32),
+        tokens_RY=jnp.full((rows, budget), opts.pad_id, jnp.int32),
+        logps_RY=jnp.zeros((rows, budget), jnp.float32),
         done_R=jnp.zeros((rows,), bool),
         lengths_R=jnp.zeros((rows,), jnp.int32),
     )
@@ -164,9 +164,9 @@ def generate(
     steps = jnp.where(jnp.all(out.done_R), out.step, last.step)
     out = last
     return Samples(
-        tokens_BSL=out.tokens_RL.reshape(b, n, budget),
+        tokens_BSY=out.tokens_RY.reshape(b, n, budget),
         lengths_BS=out.lengths_R.reshape(b, n),
         finished_BS=out.done_R.reshape(b, n),  # only an EOS id sets done
-        logps_BSL=out.logps_RL.reshape(b, n, budget),
+        logps_BSY=out.logps_RY.reshape(b, n, budget),
         steps=steps,
     )

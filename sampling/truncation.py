@@ -66,28 +66,29 @@ def sampling_logprobs(logits_RV: jax.Array, *, temperature: float, top_k: int, t
 CANDIDATES = 256  # most likely tokens `draw` looks at before the full-vocabulary fallback
 
 
-def _inverse_cdf(u_R: jax.Array, logp_RN: jax.Array, block: int = 256) -> jax.Array:
+def _inverse_cdf(u_R: jax.Array, logp_RX: jax.Array, block: int = 256) -> jax.Array:
     """Index of the first entry whose cumulative probability exceeds u (excluded: -inf).
 
-    Over more than `block` entries, in two levels: the block where the running total of
-    block masses first exceeds u, then the entry inside it (a cumulative sum over the whole
-    vocabulary is slow on a CPU).
+    Over more than `block` entries, in two levels (I blocks of E entries): the block where the
+    running total of block masses first exceeds u, then the entry inside it (a cumulative sum
+    over the whole vocabulary is slow on a CPU).
     """
-    r, n = logp_RN.shape
+    r, n = logp_RX.shape
     if n <= block:
-        cdf_RN = jnp.cumsum(jnp.exp(logp_RN), axis=-1)
-        return jnp.argmax(cdf_RN > (u_R * cdf_RN[:, -1])[:, None], axis=-1)
-    p_RKB = jnp.exp(jnp.pad(logp_RN, ((0, 0), (0, -n % block)), constant_values=NEG))
-    p_RKB = p_RKB.reshape(r, -1, block)
-    cdf_RK = jnp.cumsum(jnp.sum(p_RKB, axis=-1), axis=-1)
-    target_R = u_R * cdf_RK[:, -1]
-    k_R = jnp.minimum(jnp.sum(cdf_RK <= target_R[:, None], axis=-1), cdf_RK.shape[1] - 1)
-    before_R = jnp.where(k_R > 0, jnp.take_along_axis(cdf_RK, k_R[:, None] - 1, -1)[:, 0], 0.0)
-    p_RB = jnp.take_along_axis(p_RKB, k_R[:, None, None], axis=1)[:, 0]
-    above = before_R[:, None] + jnp.cumsum(p_RB, axis=-1) > target_R[:, None]
+        cdf_RX = jnp.cumsum(jnp.exp(logp_RX), axis=-1)
+        return jnp.argmax(cdf_RX > (u_R * cdf_RX[:, -1])[:, None], axis=-1)
+    p_RIE = jnp.exp(jnp.pad(logp_RX, ((0, 0), (0, -n % block)), constant_values=NEG))
+    p_RIE = p_RIE.reshape(r, -1, block)
+    cdf_RI = jnp.cumsum(jnp.sum(p_RIE, axis=-1), axis=-1)
+    target_R = u_R * cdf_RI[:, -1]
+    block_R = jnp.minimum(jnp.sum(cdf_RI <= target_R[:, None], axis=-1), cdf_RI.shape[1] - 1)
+    before_R = jnp.take_along_axis(cdf_RI, block_R[:, None] - 1, -1)[:, 0]
+    before_R = jnp.where(block_R > 0, before_R, 0.0)
+    p_RE = jnp.take_along_axis(p_RIE, block_R[:, None, None], axis=1)[:, 0]
+    above = before_R[:, None] + jnp.cumsum(p_RE, axis=-1) > target_R[:, None]
     # rounding can leave the block's total a hair under the target: its last token then
-    last = block - 1 - jnp.argmax((p_RB > 0)[:, ::-1], axis=-1)
-    return k_R * block + jnp.where(jnp.any(above, axis=-1), jnp.argmax(above, axis=-1), last)
+    last = block - 1 - jnp.argmax((p_RE > 0)[:, ::-1], axis=-1)
+    return block_R * block + jnp.where(jnp.any(above, axis=-1), jnp.argmax(above, axis=-1), last)
 
 
 def _draw_full(u_R, logits_RV, *, temperature, top_k, top_p):
@@ -119,26 +120,26 @@ def draw(
     z_RV = logits_RV.astype(jnp.float32) / temperature
     # descending; the barrier keeps XLA from folding later slices into the top-k, which on
     # a CPU turns its partial sort (a TopK call) into a full sort of the vocabulary
-    top_RM, idx_RM = jax.lax.optimization_barrier(jax.lax.top_k(z_RV, m))
-    cut_R = top_RM[:, top_k - 1] if top_k else top_RM[:, -1]  # top-k keeps ties with the k-th
+    top_RX, idx_RX = jax.lax.optimization_barrier(jax.lax.top_k(z_RV, m))
+    cut_R = top_RX[:, top_k - 1] if top_k else top_RX[:, -1]  # top-k keeps ties with the k-th
     if top_p < 1.0:
         # probabilities after top-k (its survivors are all candidates, or the row falls back)
         if top_k:
-            kept = top_RM >= cut_R[:, None]
-            lse_R = jax.nn.logsumexp(jnp.where(kept, top_RM, NEG), axis=-1)
-            p_RM = jnp.where(kept, jnp.exp(top_RM - lse_R[:, None]), 0.0)
+            kept = top_RX >= cut_R[:, None]
+            lse_R = jax.nn.logsumexp(jnp.where(kept, top_RX, NEG), axis=-1)
+            p_RX = jnp.where(kept, jnp.exp(top_RX - lse_R[:, None]), 0.0)
         else:
-            p_RM = jnp.exp(top_RM - jax.nn.logsumexp(z_RV, axis=-1)[:, None])
-        above_RM = jnp.cumsum(p_RM, axis=-1) - p_RM  # mass of the more likely candidates
+            p_RX = jnp.exp(top_RX - jax.nn.logsumexp(z_RV, axis=-1)[:, None])
+        above_RX = jnp.cumsum(p_RX, axis=-1) - p_RX  # mass of the more likely candidates
         # Holtzman et al. 2020: the least likely token whose more likely tokens hold < p
-        last = jnp.sum(above_RM < top_p, axis=-1) - 1
-        cut_R = jnp.maximum(cut_R, jnp.take_along_axis(top_RM, last[:, None], axis=-1)[:, 0])
+        last = jnp.sum(above_RX < top_p, axis=-1) - 1
+        cut_R = jnp.maximum(cut_R, jnp.take_along_axis(top_RX, last[:, None], axis=-1)[:, 0])
     # exact when the least likely candidate is cut: every token outside is less likely still
-    fast_R = top_RM[:, -1] < cut_R
-    logp_RM = jax.nn.log_softmax(jnp.where(top_RM >= cut_R[:, None], top_RM, NEG), axis=-1)
-    pick = _inverse_cdf(u_R, logp_RM)
-    token = jnp.take_along_axis(idx_RM, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    logp = jnp.take_along_axis(logp_RM, pick[:, None], axis=-1)[:, 0]
+    fast_R = top_RX[:, -1] < cut_R
+    logp_RX = jax.nn.log_softmax(jnp.where(top_RX >= cut_R[:, None], top_RX, NEG), axis=-1)
+    pick = _inverse_cdf(u_R, logp_RX)
+    token = jnp.take_along_axis(idx_RX, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    logp = jnp.take_along_axis(logp_RX, pick[:, None], axis=-1)[:, 0]
 
     # the rest draw from the whole vocabulary, a few rows at a time (one row's result does
     # not depend on the rows it shares a chunk with)

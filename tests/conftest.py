@@ -1,4 +1,5 @@
 import os
+import sys
 
 # Tests run on the CPU in float32; 8 simulated devices let mesh tests run anywhere.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -8,5 +9,69 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_configure(config):
+    # torch's OpenMP threads spin while they wait: with pytest-xdist's workers sharing the
+    # cores, a torch op (transformers' forward, generate) runs ten times slower or worse unless
+    # each worker keeps to its share of the cores (set before the test modules import torch)
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        threads = max(1, (cores or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
+
+
+# The bundled SmolLM2-135M-Instruct, read once per worker by our GGUF loader and once by
+# transformers' (its dequantizer; about 25 s): test_smollm2.py and test_gguf.py share both, and
+# their `xdist_group("smollm2")` keeps them on one worker under `make test` (--dist loadgroup).
+@pytest.fixture(scope="session")
+def smollm2_ours():
+    """(path, config, params) of the bundled GGUF through models.load_gguf."""
+    from models import find_smollm2_gguf, load_gguf
+
+    path = find_smollm2_gguf()
+    return (path, *load_gguf(path))
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_ours):
+    """The same file read by transformers: a float32 torch model in eval mode."""
+    import torch
+    import transformers
+
+    path = smollm2_ours[0]
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+
+
+# The longest tests first (seconds on 2 cores under `make test`), so that pytest-xdist's two
+# workers finish together rather than one running a long test alone at the end; `--dist
+# loadgroup` hands out the xdist groups (test_loop's shared run, SmolLM2) before single tests.
+# The other tests keep their order.
+LONGEST_FIRST = (
+    "tests/test_loop.py::test_tiny_config_learns_and_accounts_for_generation",
+    "tests/test_multihost.py::",
+    "tests/test_sweep_report.py::test_sweep_then_report",
+    "tests/test_loop.py::",
+    "tests/test_sampler.py::test_shared_prefix_samples_equal_whole_prompts",
+    "tests/test_lora.py::test_fresh_adapters_change_nothing_and_only_adapters_get_gradients",
+    "tests/test_dryrun.py::",
+    "tests/test_drift.py::",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        return next(
+            (i for i, key in enumerate(LONGEST_FIRST) if item.nodeid.startswith(key)),
+            len(LONGEST_FIRST),
+        )
+
+    items.sort(key=rank)  # stable: ties keep the collection order

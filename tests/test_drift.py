@@ -49,14 +49,14 @@ def test_evaluation_of_pi0_against_itself_has_zero_kl(tmp_path, top_p):
     run = OptuneRun(
         micro_config(tmp_path, "eval.drift=true", f"sampling.top_p={top_p}"), progress=False
     )
-    rewards, record = run._evaluate(run.policy_params())  # not `initial`: measured, not set to 0
+    rewards, record = run.evaluate(run.policy_params())  # not `initial`: measured, not set to 0
     run.close()
     assert abs(record["eval.kl_initial"]) < 1e-4, record
     assert record["eval.nll_initial"] > 0 and 0 <= record["eval.greedy_eos_rate"] <= 1
     assert 0 <= record["eval.greedy_rep4"] <= 1
     assert record["eval.reward"] == pytest.approx(float(np.mean(rewards)))
     assert [e["prompt"] for e in record["eval.examples"]] == [
-        r["prompt"] for r in run.eval_rows[:3]
+        r["prompt"] for r in run.eval_prompts.rows[:3]
     ]
 
 
@@ -89,12 +89,12 @@ def test_missing_eos_penalty_lowers_only_cut_training_responses(tmp_path):
         micro_config(tmp_path, "reward.missing_eos_penalty=0.5", "sampling.max_new_tokens=12"),
         progress=False,
     )
-    run._collect(0, run.policy_params(), {}, regenerate=True)
-    pool = run.pool
-    n, s, width = pool.tokens_P2L.shape
-    raw = run._score(run.train_rows, pool.tokens_P2L, pool.lengths_P2)
+    run.source.pairs(0, run.policy_params(), {})
+    pool = run.source.pool
+    n, s, width = pool.tokens_P2Y.shape
+    raw = run.score(run.train_prompts.rows, pool.tokens_P2Y, pool.lengths_P2)
     cut = ~ended_with_eos(
-        pool.tokens_P2L.reshape(n * s, width), pool.lengths_P2.reshape(-1), run.policy.eos_ids
+        pool.tokens_P2Y.reshape(n * s, width), pool.lengths_P2.reshape(-1), run.policy.eos_ids
     ).reshape(n, s)
     run.close()
     assert cut.any()  # the tiny model rarely ends within 12 tokens

@@ -190,10 +190,15 @@ def test_smollm2_config_matches_transformers(smollm2, smollm2_config):
 
 
 @pytest.mark.slow
-def test_smollm2_params_match_transformers(smollm2, smollm2_config):
-    config, params = load_gguf(smollm2)
-    want, _ = _transformers_gguf_params(smollm2)
-    assert config == smollm2_config
+@pytest.mark.xdist_group("smollm2")  # conftest's two readings, shared with test_smollm2.py
+def test_smollm2_params_match_transformers(smollm2, smollm2_config, smollm2_ours,
+                                           smollm2_transformers):
+    path, config, params = smollm2_ours  # load_gguf(smollm2)
+    assert path == smollm2 and config == smollm2_config
+    # transformers' own GGUF reader (dequantize + reverse permute), mapped through our table
+    model = smollm2_transformers
+    tensors = {k: v.numpy() for k, v in model.state_dict().items()}
+    want = _to_flax(ModelConfig.from_hf_dict(model.config.to_dict()), tensors)
     _assert_trees_equal(params, want)
 
 

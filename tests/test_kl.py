@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from losses import dpo_loss, hypo_loss, kl_surrogate
 
-P, K = 6, 4
+P, S = 6, 4
 
 
 def _np_kl_surrogate(policy, reference, mask):
@@ -21,19 +21,19 @@ def _np_kl_surrogate(policy, reference, mask):
     n = max(mask.sum(), 1)
     value, kl, grad = 0.0, 0.0, np.zeros_like(policy)
     for p in np.flatnonzero(mask):
-        for i in range(K):
-            baseline = np.mean([logratio[p, j] for j in range(K) if j != i])
+        for i in range(S):
+            baseline = np.mean([logratio[p, j] for j in range(S) if j != i])
             advantage = logratio[p, i] - baseline
-            value += advantage * policy[p, i] / (K * n)
-            grad[p, i] = advantage / (K * n)
-            kl += logratio[p, i] / (K * n)
+            value += advantage * policy[p, i] / (S * n)
+            grad[p, i] = advantage / (S * n)
+            kl += logratio[p, i] / (S * n)
     return value, kl, grad
 
 
 def _inputs(seed=0):
     rng = np.random.default_rng(seed)
-    policy = rng.normal(-40.0, 10.0, size=(P, K)).astype(np.float32)
-    reference = (policy + rng.normal(0.0, 2.0, size=(P, K))).astype(np.float32)
+    policy = rng.normal(-40.0, 10.0, size=(P, S)).astype(np.float32)
+    reference = (policy + rng.normal(0.0, 2.0, size=(P, S))).astype(np.float32)
     return policy, reference
 
 
@@ -85,30 +85,30 @@ def _exact_kl(theta):
     return jnp.sum(jnp.exp(logp) * (logp - logq))
 
 
-def _samples_PK():
+def _samples_PS():
     probs = np.exp(np.asarray(jax.nn.log_softmax(THETA), np.float64))
     rng = np.random.default_rng(0)
     return rng.choice(len(THETA), size=(NUM_PROMPTS, SAMPLES_PER_PROMPT), p=probs / probs.sum())
 
 
-def _surrogate_of_theta(theta, y_PK):
-    return kl_surrogate(jax.nn.log_softmax(theta)[y_PK], jax.nn.log_softmax(PHI)[y_PK])[0]
+def _surrogate_of_theta(theta, y_PS):
+    return kl_surrogate(jax.nn.log_softmax(theta)[y_PS], jax.nn.log_softmax(PHI)[y_PS])[0]
 
 
-def _plain_estimate_of_theta(theta, y_PK):
-    return kl_surrogate(jax.nn.log_softmax(theta)[y_PK], jax.nn.log_softmax(PHI)[y_PK])[1]["kl"]
+def _plain_estimate_of_theta(theta, y_PS):
+    return kl_surrogate(jax.nn.log_softmax(theta)[y_PS], jax.nn.log_softmax(PHI)[y_PS])[1]["kl"]
 
 
 @jax.jit
-def _per_prompt_grads(y_PK):
-    """Per-prompt gradients [P, 5] of the surrogate, of the surrogate with K = 1, and of mean ℓ.
+def _per_prompt_grads(y_PS):
+    """Per-prompt gradients [P, 5] of the surrogate, of the surrogate with S = 1, and of mean ℓ.
 
     Prompts are independent, so the spread of these rows gives each estimator's standard error.
     """
-    surrogate = jax.vmap(lambda y_K: jax.grad(_surrogate_of_theta)(THETA, y_K[None]))(y_PK)
-    # [K, 1]: K one-sample "prompts", averaged: the same 4 samples without a baseline.
-    no_baseline = jax.vmap(lambda y_K: jax.grad(_surrogate_of_theta)(THETA, y_K[:, None]))(y_PK)
-    plain = jax.vmap(lambda y_K: jax.grad(_plain_estimate_of_theta)(THETA, y_K[None]))(y_PK)
+    surrogate = jax.vmap(lambda y_K: jax.grad(_surrogate_of_theta)(THETA, y_K[None]))(y_PS)
+    # [S, 1]: S one-sample "prompts", averaged: the same 4 samples without a baseline.
+    no_baseline = jax.vmap(lambda y_K: jax.grad(_surrogate_of_theta)(THETA, y_K[:, None]))(y_PS)
+    plain = jax.vmap(lambda y_K: jax.grad(_plain_estimate_of_theta)(THETA, y_K[None]))(y_PS)
     return surrogate, no_baseline, plain
 
 
@@ -117,15 +117,15 @@ def _mean_and_standard_error(grads_N5):
 
 
 def test_surrogate_gradient_matches_analytic_kl_gradient():
-    y_PK = _samples_PK()
+    y_PS = _samples_PS()
     logp, logq = jax.nn.log_softmax(THETA), jax.nn.log_softmax(PHI)
     probs, kl = np.exp(logp), float(_exact_kl(THETA))
     analytic = probs * (logp - logq - kl)  # d/dθ_j Σ p log(p/q) = p_j (ℓ_j − KL) for p = softmax(θ)
     np.testing.assert_allclose(jax.grad(_exact_kl)(THETA), analytic, atol=1e-6)
 
-    surrogate, no_baseline, plain = map(np.asarray, _per_prompt_grads(y_PK))
+    surrogate, no_baseline, plain = map(np.asarray, _per_prompt_grads(y_PS))
     # The full-batch surrogate is the mean over prompts: its gradient is the mean of the rows.
-    np.testing.assert_allclose(jax.grad(_surrogate_of_theta)(THETA, y_PK), surrogate.mean(0),
+    np.testing.assert_allclose(jax.grad(_surrogate_of_theta)(THETA, y_PS), surrogate.mean(0),
                                atol=1e-4)  # float32 sums over 5000 prompts
 
     # Unbiased: within 4 standard errors of the exact gradient, per component (|z| > 4: p ≈ 6e-5).
@@ -147,7 +147,7 @@ def _pairs(seed=2, b=5):
 
 
 def _hypo(pairs, policy, reference, lam, mask=None, sample_mask=None):
-    return hypo_loss(*pairs, sample_policy_logps_PK=policy, sample_reference_logps_PK=reference,
+    return hypo_loss(*pairs, sample_policy_logps_PS=policy, sample_reference_logps_PS=reference,
                      beta=0.2, lam=lam, mask=mask, sample_mask_P=sample_mask)
 
 
@@ -173,7 +173,7 @@ def test_hypo_is_dpo_plus_lambda_times_the_surrogate():
 def test_extreme_inputs_give_finite_losses_and_gradients(all_masked):
     rng = np.random.default_rng(3)
     pairs = (rng.choice([-1.0, 1.0], size=(4, 5)) * 1e4).astype(np.float32)
-    policy = (rng.choice([-1.0, 1.0], size=(P, K)) * 1e4).astype(np.float32)
+    policy = (rng.choice([-1.0, 1.0], size=(P, S)) * 1e4).astype(np.float32)
     reference = -policy
     mask = np.zeros(5, bool) if all_masked else None
     sample_mask = np.zeros(P, bool) if all_masked else None

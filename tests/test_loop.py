@@ -9,13 +9,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import yaml
 
 from optune_jax import train
 from optune_jax.checkpoint import Checkpoints
 from optune_jax.config import load_config
 from optune_jax.errors import RunError
 from optune_jax.loop import OptuneRun
+from optune_jax.training import PolicyTrainer
 
 # a smaller tiny run for the tests that only need the machinery
 MICRO = [
@@ -71,6 +71,10 @@ def _params(run):
     return jax.device_get(run.state.params)
 
 
+# the tests that share this run: one worker under `make test` (--dist loadgroup) runs it once
+SHARES_THE_RUN = pytest.mark.xdist_group("uninterrupted")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """The micro run from start to end: (its final parameters, its output directory)."""
@@ -90,7 +94,7 @@ def _resumes_to(want, cfg, next_iteration: int) -> list[dict]:
     """Resumes the run of `cfg` (from `next_iteration`) to its end, checks that its final
     parameters are exactly `want`, and returns its metrics records."""
     run = OptuneRun(cfg, resume=True, progress=False)
-    assert run.next_iteration == next_iteration
+    assert run.next_step == next_iteration
     records = run.run()
     got = _params(run)
     run.close()
@@ -98,24 +102,25 @@ def _resumes_to(want, cfg, next_iteration: int) -> list[dict]:
     return records
 
 
+@SHARES_THE_RUN
 def test_a_run_killed_mid_iteration_resumes_to_the_same_parameters(
     uninterrupted, tmp_path, monkeypatch
 ):
     want, _ = uninterrupted
     cfg = micro_config(tmp_path / "b")
     killed = OptuneRun(cfg, progress=False)
-    real_train = OptuneRun._train
+    real_train = PolicyTrainer.train
 
-    def dies_in_iteration_1(self, arrays, t, ref_params):
+    def dies_in_iteration_1(self, state, batch, t, **kw):
         if t == 1:
             raise KeyboardInterrupt  # killed after generating, mid-iteration
-        return real_train(self, arrays, t, ref_params)
+        return real_train(self, state, batch, t, **kw)
 
-    monkeypatch.setattr(OptuneRun, "_train", dies_in_iteration_1)
+    monkeypatch.setattr(PolicyTrainer, "train", dies_in_iteration_1)
     with pytest.raises(KeyboardInterrupt):
         killed.run()
     killed.close()
-    monkeypatch.setattr(OptuneRun, "_train", real_train)
+    monkeypatch.setattr(PolicyTrainer, "train", real_train)
     records = _resumes_to(want, cfg, next_iteration=1)
     assert [r["iteration"] for r in records] == [-1, 0, 1]
 
@@ -162,23 +167,19 @@ def test_bad_input_stops_with_one_line_and_writes_nothing(tmp_path, capsys):
     assert not out.exists()  # nothing half-written by any of the above
 
 
-def test_output_dir_guards_and_incompatible_resume(tmp_path, capsys):
+@SHARES_THE_RUN
+def test_output_dir_guards_and_incompatible_resume(uninterrupted, tmp_path, capsys):
     out = tmp_path / "run"
-    cfg_file = tmp_path / "cfg.yaml"
-    raw = yaml.safe_load(open("configs/tiny.yaml"))
-    raw["run"]["output_dir"] = str(out)
-    raw["optune"]["iterations"] = 1
-    raw["data"].update(num_train_prompts=8, num_eval_prompts=4)
-    raw["sampling"].update(max_new_tokens=4, batch_size=8)
-    raw["train"].update(batch_size=8, micro_batch_size=8, epochs=1)
-    cfg_file.write_text(yaml.safe_dump(raw))
-    base = ["--config", str(cfg_file), "--no-progress", "--no-export"]
-    assert train.main(base) == 0
+    shutil.copytree(uninterrupted[1], out)  # the finished micro run: iterations -1, 0, 1
+    base = ["--config", "configs/tiny.yaml", "--no-progress", "--no-export",
+            *[x for s in MICRO for x in ("--set", s)], "--set", f"run.output_dir={out}"]
     _fails(capsys, base, "already holds a run")
     _fails(capsys, [*base, "--resume", "--set", "loss.beta=0.5"], "loss.beta")
     # a longer run of the same config may resume; --overwrite starts afresh
-    assert train.main([*base, "--resume", "--set", "optune.iterations=2"]) == 0
-    assert train.main([*base, "--overwrite"]) == 0
+    assert train.main([*base, "--resume", "--set", "optune.iterations=3"]) == 0
+    assert _iterations(out / "metrics.jsonl") == [-1, 0, 1, 2]
+    assert train.main([*base, "--overwrite", "--set", "optune.iterations=1"]) == 0
+    assert _iterations(out / "metrics.jsonl") == [-1, 0]  # nothing of the run before
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
@@ -195,7 +196,7 @@ def test_a_half_written_checkpoint_is_never_taken_for_a_complete_one(tmp_path):
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "junk").write_bytes(b"\0" * 64)
     resumed = OptuneRun(cfg, resume=True, progress=False)
-    assert resumed.ckpt.latest() == 0 and resumed.next_iteration == 1
+    assert resumed.ckpt.latest() == 0 and resumed.next_step == 1
     assert resumed.ckpt.meta(0)["config"]["optune"]["iterations"] == 1
     resumed.close()
 
@@ -284,6 +285,7 @@ class _HalfFull:
         raise OSError(errno.ENOSPC, "No space left on device", self.f.name)
 
 
+@SHARES_THE_RUN
 def test_failures_inside_the_checkpoint_and_metrics_writes_resume_to_the_same_parameters(
     uninterrupted, tmp_path, monkeypatch
 ):
@@ -314,7 +316,7 @@ def test_failures_inside_the_checkpoint_and_metrics_writes_resume_to_the_same_pa
 
     monkeypatch.setattr(Path, "open", half_full)
     run = OptuneRun(cfg, resume=True, progress=False)
-    assert run.next_iteration == 0
+    assert run.next_step == 0
     with pytest.raises(RunError, match=f"^cannot write {log}: no space left on device$"):
         run.run()
     run.close()
@@ -328,6 +330,7 @@ def test_failures_inside_the_checkpoint_and_metrics_writes_resume_to_the_same_pa
     assert [r["iteration"] for r in records] == _iterations(log) == [-1, 0, 1]
 
 
+@SHARES_THE_RUN
 def test_a_truncated_newest_checkpoint_resumes_from_the_one_before(uninterrupted, tmp_path, capsys):
     # issue 20, case 2: an array file of checkpoint 1 cut short; the run goes on from checkpoint
     # 0 and ends with the parameters of the uninterrupted run

@@ -1,5 +1,7 @@
 """LoRA as pure functions: the update is A @ B, the ensemble merge is the mean of updates."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,13 +14,20 @@ CONFIG = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hi
                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
 
 
+@functools.cache
+def _params():
+    """init_params compiles its layer scan anew on each call (seconds): once for the module."""
+    return init_params(CONFIG, jax.random.key(0))
+
+
 def randomised(lora, seed=1):
-    keys = iter(jax.random.split(jax.random.key(seed), 100))
-    return jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape), lora)
+    # NumPy draws: jax.random would compile a sampler per leaf shape (seconds each on a CPU)
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), lora)
 
 
 def test_fresh_adapters_change_nothing_and_only_adapters_get_gradients():
-    params = init_params(CONFIG, jax.random.key(0))
+    params = _params()
     spec = LoraSpec(rank=4, num_adapters=3)
     lora = init_lora(params, spec, jax.random.key(1))
     jax.tree.map(np.testing.assert_array_equal, merge(params, lora, spec), params)
@@ -27,13 +36,13 @@ def test_fresh_adapters_change_nothing_and_only_adapters_get_gradients():
     def loss(lora):
         return forward(merge(params, lora, spec), tokens, jnp.ones((1, 6)), config=CONFIG).mean()
 
-    grads = jax.grad(loss)(randomised(lora))
+    grads = jax.jit(jax.grad(loss))(randomised(lora))  # one program, not op by op
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
 
 
 @pytest.mark.parametrize("name, n_in", [("q_proj", 1), ("o_proj", 2), ("down_proj", 1)])
 def test_update_is_scaled_a_times_b_per_adapter_and_the_merge_is_their_mean(name, n_in):
-    params = init_params(CONFIG, jax.random.key(0))
+    params = _params()
     spec = LoraSpec(rank=3, alpha=6.0, targets=(name,), num_adapters=4)
     lora = randomised(init_lora(params, spec, jax.random.key(2)))
     module = "mlp" if name.endswith(("gate_proj", "up_proj", "down_proj")) else "attn"
@@ -54,7 +63,7 @@ def test_update_is_scaled_a_times_b_per_adapter_and_the_merge_is_their_mean(name
 
 
 def test_logical_axes_match_adapter_ranks_and_bad_specs_are_refused():
-    params = init_params(CONFIG, jax.random.key(0))
+    params = _params()
     spec = LoraSpec(rank=2, num_adapters=2)
     lora = init_lora(params, spec, jax.random.key(0))
     axes = lora_logical_axes(CONFIG, spec)

@@ -384,14 +384,14 @@ def test_registry_entry_is_callable_the_way_the_training_loop_calls_it(name):
     params = inspect.signature(spec.fn).parameters
     assert set(spec.hyperparams) <= set(params)
     assert ("chosen_rewards" in params) == spec.needs_rewards
-    assert ("sample_policy_logps_PK" in params) == spec.needs_samples
+    assert ("sample_policy_logps_PS" in params) == spec.needs_samples
     config = {"beta": 0.2, "beta2": 0.5, "lam": 0.3}
     kwargs = {k: config[k] for k in spec.hyperparams}
     if spec.needs_rewards:
         kwargs.update(chosen_rewards=REWARDS[0], rejected_rewards=REWARDS[1])
     if spec.needs_samples:
-        kwargs.update(sample_policy_logps_PK=-np.ones((2, 3), np.float32),
-                      sample_reference_logps_PK=-np.ones((2, 3), np.float32))
+        kwargs.update(sample_policy_logps_PS=-np.ones((2, 3), np.float32),
+                      sample_reference_logps_PS=-np.ones((2, 3), np.float32))
     logps = np.random.default_rng(4).normal(size=(4, B)).astype(np.float32)
     loss, metrics = jax.jit(spec.fn)(*logps, mask=np.ones(B, bool), **kwargs)
     assert np.isfinite(loss) and METRIC_KEYS <= set(metrics)

@@ -88,7 +88,7 @@ def test_two_processes_end_with_the_parameters_of_one(tmp_path):
     ckpt = Checkpoints(two / "checkpoints")
     state, host, _ = ckpt.restore(0, state_like=one.state, host_like=one._host_state())
     ckpt.close()
-    np.testing.assert_array_equal(host["tokens"], one.pool.tokens_P2L)  # the same samples
+    np.testing.assert_array_equal(host["tokens"], one.source.pool.tokens_P2Y)  # same samples
     # AdamW's step is about ±lr per weight whatever the gradient's size, so the collectives'
     # summation order (gloo vs in-process) may move a weight with a near-zero gradient by up to
     # ~lr/1000; a missed gradient all-reduce would move many by ~lr (2e-2)

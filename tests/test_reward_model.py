@@ -27,7 +27,6 @@ from models.reward_model import (
     score_sequences,
 )
 from optune_jax import rewards, sharding
-from optune_jax.config import RewardSection
 from optune_jax.data import DataError
 from optune_jax.rm_data import (
     PairColumns,
@@ -37,6 +36,7 @@ from optune_jax.rm_data import (
     score_all,
 )
 from optune_jax.rm_training import rm_train_step
+from optune_jax.schema import RewardSection
 from optune_jax.train_step import TrainState, make_optimizer
 
 PAD = 0

@@ -23,9 +23,16 @@ from sampling import (
     sampling_logprobs,
 )
 from sampling.batching import pack_rows, packed_lines
-from sampling.sampler import _draw
+from sampling.sampler import draw_next
 from sampling.truncation import draw
 from tests.test_train_step import CONFIG as TINY_CONFIG
+
+
+@functools.cache
+def _params96():
+    """Random parameters of TINY_CONFIG with 96 tokens, for every sliding window (the window
+    does not change the parameters): init_params compiles its layer scan on each call."""
+    return init_params(dataclasses.replace(TINY_CONFIG, vocab_size=96), jax.random.key(4))
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +119,7 @@ def test_truncated_sampling_frequencies_match_reference(temperature, top_k, top_
         max_new_tokens=1, eos_ids=(0,), pad_id=0, temperature=temperature, top_k=top_k, top_p=top_p
     )
     keys = jax.random.split(jax.random.key(7), n)
-    tokens, logps = jax.jit(lambda k, z: _draw(k, 0, z, opts))(
+    tokens, logps = jax.jit(lambda k, z: draw_next(k, 0, z, opts))(
         keys, jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, len(logits)))
     )
     freq = np.bincount(np.asarray(tokens), minlength=len(logits)) / n
@@ -306,7 +313,7 @@ def test_common_prefix_is_the_longest_shared_prefix_short_of_every_prompt(prompt
 @pytest.mark.parametrize("window", [40, 8])  # 40 holds everything; 8 is too short: prompts whole
 def test_shared_prefix_samples_equal_whole_prompts(window):
     config = dataclasses.replace(TINY_CONFIG, vocab_size=96, sliding_window=window)
-    params = init_params(config, jax.random.key(4))
+    params = _params96()
     rng = np.random.RandomState(5)
     head = list(rng.randint(4, 96, size=9))
     prompts = [head + list(rng.randint(4, 96, size=n)) for n in (1, 6, 3, 12, 4)]
@@ -350,7 +357,7 @@ def test_shared_prefix_prefill_matches_whole_prompt_prefill(tiny):
         suffix_BT[i, 3 - len(s) :], mask_suffix[i, 3 - len(s) :] = s, 1
     want, want_cache = prefill(params, whole_BT, mask_whole, config=config, max_len=10)
     got, cache = prefill(
-        params, suffix_BT, mask_suffix, config=config, max_len=10, prefix_P=jnp.asarray(prefix)
+        params, suffix_BT, mask_suffix, config=config, max_len=10, prefix_F=jnp.asarray(prefix)
     )
     np.testing.assert_allclose(got, want, atol=1e-5)
     np.testing.assert_array_equal(cache.next_pos_B, want_cache.next_pos_B)
@@ -404,7 +411,7 @@ def test_pack_rows_rejects_rows_that_do_not_fit():
 @pytest.mark.parametrize("prefix, window", [((), None), ((5, 17, 33, 8), 16)])
 def test_packed_prefill_matches_padded_prefill(prefix, window):
     config = dataclasses.replace(TINY_CONFIG, vocab_size=96, sliding_window=window)
-    params = init_params(config, jax.random.key(4))
+    params = _params96()
     rng = np.random.RandomState(0)
     lens, t = [3, 1, 5, 2, 6, 4, 1, 2], 6
     tokens = np.zeros((8, t), np.int32)
@@ -416,8 +423,8 @@ def test_packed_prefill_matches_padded_prefill(prefix, window):
     fill = jax.jit(functools.partial(prefill, config=config, max_len=len(prefix) + t + 3))
     step = jax.jit(functools.partial(decode_step, config=config))
     prefix = jnp.asarray(prefix, jnp.int32) if prefix else None
-    want, want_cache = fill(params, tokens, mask, prefix_P=prefix)
-    got, cache = fill(params, tokens, mask, prefix_P=prefix, pack_GW=pack_rows(lens, t, lines))
+    want, want_cache = fill(params, tokens, mask, prefix_F=prefix)
+    got, cache = fill(params, tokens, mask, prefix_F=prefix, pack_GW=pack_rows(lens, t, lines))
     np.testing.assert_allclose(got, want, atol=1e-5)
     np.testing.assert_array_equal(cache.pos_BC, want_cache.pos_BC)
     np.testing.assert_array_equal(cache.next_pos_B, want_cache.next_pos_B)
@@ -438,7 +445,7 @@ def test_packed_prefill_refuses_a_ring_buffer(tiny):
 
 def test_packed_sampling_equals_padded_sampling():
     config = dataclasses.replace(TINY_CONFIG, vocab_size=96, sliding_window=None)
-    params = init_params(config, jax.random.key(4))
+    params = _params96()
     rng = np.random.RandomState(5)
     prompts = [list(rng.randint(4, 96, size=n)) for n in rng.randint(1, 17, size=16)]
     opts = SamplingOptions(max_new_tokens=6, eos_ids=(3,), pad_id=0, num_samples=2, top_p=0.9)

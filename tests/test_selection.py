@@ -23,14 +23,14 @@ def _ref_num_selected(permille: int, num_prompts: int) -> int:
 
 def _random_pool(rng, num_prompts, max_len=6, *, iteration=0, reward_values=None):
     lengths_P2 = rng.integers(0, max_len + 1, (num_prompts, 2)).astype(np.int32)
-    tokens_P2L = rng.integers(1, 50, (num_prompts, 2, max_len)).astype(np.int32)
-    tokens_P2L[np.arange(max_len)[None, None, :] >= lengths_P2[..., None]] = 0
+    tokens_P2Y = rng.integers(1, 50, (num_prompts, 2, max_len)).astype(np.int32)
+    tokens_P2Y[np.arange(max_len)[None, None, :] >= lengths_P2[..., None]] = 0
     if reward_values is None:
         rewards_P2 = rng.normal(size=(num_prompts, 2)).astype(np.float32)
     else:
         rewards_P2 = rng.choice(reward_values, size=(num_prompts, 2)).astype(np.float32)
     iteration_P = np.full(num_prompts, iteration, np.int32)
-    return selection.PromptPool(tokens_P2L, lengths_P2, rewards_P2, iteration_P)
+    return selection.PromptPool(tokens_P2Y, lengths_P2, rewards_P2, iteration_P)
 
 
 # ---------------------------------------------------------------- num_selected / validation
@@ -73,10 +73,10 @@ def test_bad_rho_is_one_line_error(rho):
 
 def test_unknown_method_and_key_name_value_and_allowed():
     pool = selection.PromptPool.empty(4, 3)
-    with pytest.raises(ValueError, match=r"'best'.*lowest.*random"):
-        selection.select(pool, 0.5, method="best", rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"'best'.*reward.*random"):
+        selection.select(pool, 0.5, selection="best", rng=np.random.default_rng(0))
     with pytest.raises(ValueError, match=r"'max'.*chosen.*mean.*rejected"):
-        selection.select(pool, 0.5, key="max", rng=np.random.default_rng(0))
+        selection.select(pool, 0.5, rank_key="max", rng=np.random.default_rng(0))
 
 
 # ---------------------------------------------------------------- ranking keys
@@ -169,18 +169,18 @@ def test_select_random_picks_exactly_n_distinct(num_prompts, permille, seed):
 
 def test_select_random_ignores_rewards_and_differs_across_seeds():
     pool = _random_pool(np.random.default_rng(0), 50)
-    a = selection.select(pool, 0.3, method="random", rng=np.random.default_rng(1))
-    b = selection.select(pool, 0.3, method="random", rng=np.random.default_rng(2))
+    a = selection.select(pool, 0.3, selection="random", rng=np.random.default_rng(1))
+    b = selection.select(pool, 0.3, selection="random", rng=np.random.default_rng(2))
     lowest = selection.select(pool, 0.3, rng=np.random.default_rng(1))
     assert a.shape == b.shape == lowest.shape == (15,)
     assert not np.array_equal(a, b) and not np.array_equal(a, lowest)
 
 
-@pytest.mark.parametrize("method", ["lowest", "random"])
+@pytest.mark.parametrize("method", selection.SELECTIONS)
 @pytest.mark.parametrize("rho", [0.1, 0.5, 1.0])
 def test_iteration_zero_selects_everything(method, rho):
     pool = selection.PromptPool.empty(12, 4)
-    idx = selection.select(pool, rho, method=method, rng=np.random.default_rng(0))
+    idx = selection.select(pool, rho, selection=method, rng=np.random.default_rng(0))
     np.testing.assert_array_equal(idx, np.arange(12))
 
 
@@ -191,7 +191,7 @@ def test_any_never_generated_prompt_selects_everything():
     iteration_P[5] = selection.NEVER_GENERATED
     rewards_P2 = pool.rewards_P2.copy()
     rewards_P2[5] = np.nan
-    partial = selection.PromptPool(pool.tokens_P2L, pool.lengths_P2, rewards_P2, iteration_P)
+    partial = selection.PromptPool(pool.tokens_P2Y, pool.lengths_P2, rewards_P2, iteration_P)
     np.testing.assert_array_equal(selection.select(partial, 0.25, rng=rng), np.arange(8))
 
 
@@ -199,8 +199,8 @@ def test_any_never_generated_prompt_selects_everything():
 def test_select_rho_one_and_key_choice(key):
     rng = np.random.default_rng(3)
     pool = _random_pool(rng, 20)
-    np.testing.assert_array_equal(selection.select(pool, 1.0, key=key, rng=rng), np.arange(20))
-    idx = selection.select(pool, 0.25, key=key, rng=rng)
+    np.testing.assert_array_equal(selection.select(pool, 1.0, rank_key=key, rng=rng), np.arange(20))
+    idx = selection.select(pool, 0.25, rank_key=key, rng=rng)
     keys_P = selection.ranking_keys(pool.rewards_P2, key)
     np.testing.assert_array_equal(np.sort(keys_P[idx]), np.sort(keys_P)[:5])
 
@@ -217,17 +217,17 @@ def test_update_pool_replaces_selected_and_keeps_the_rest_byte_identical(
     pool = _random_pool(rng, num_prompts)
     before = [
         np.array(a, copy=True)
-        for a in (pool.tokens_P2L, pool.lengths_P2, pool.rewards_P2, pool.iteration_P)
+        for a in (pool.tokens_P2Y, pool.lengths_P2, pool.rewards_P2, pool.iteration_P)
     ]
     idx = selection.select(pool, permille / 1000, rng=rng)
     new = _random_pool(rng, idx.shape[0], pool.max_len)
     updated = selection.update_pool(
-        pool, idx, new.tokens_P2L, new.lengths_P2, new.rewards_P2, iteration=3
+        pool, idx, new.tokens_P2Y, new.lengths_P2, new.rewards_P2, iteration=3
     )
     selected = set(idx.tolist())
     for i in range(num_prompts):
         for name, old in zip(
-            ("tokens_P2L", "lengths_P2", "rewards_P2", "iteration_P"), before, strict=True
+            ("tokens_P2Y", "lengths_P2", "rewards_P2", "iteration_P"), before, strict=True
         ):
             got = getattr(updated, name)[i]
             if i in selected:
@@ -238,7 +238,7 @@ def test_update_pool_replaces_selected_and_keeps_the_rest_byte_identical(
                 assert got.tobytes() == old[i].tobytes()
     # The input pool is untouched.
     for name, old in zip(
-        ("tokens_P2L", "lengths_P2", "rewards_P2", "iteration_P"), before, strict=True
+        ("tokens_P2Y", "lengths_P2", "rewards_P2", "iteration_P"), before, strict=True
     ):
         assert getattr(pool, name).tobytes() == old.tobytes()
 
@@ -246,14 +246,14 @@ def test_update_pool_replaces_selected_and_keeps_the_rest_byte_identical(
 def test_pool_arrays_are_read_only():
     pool = selection.PromptPool.empty(3, 2)
     with pytest.raises(ValueError):
-        pool.tokens_P2L[0, 0, 0] = 7
+        pool.tokens_P2Y[0, 0, 0] = 7
     with pytest.raises(AttributeError):
         pool.pad_id = 3
 
 
 def test_empty_pool():
     pool = selection.PromptPool.empty(3, 4, pad_id=9)
-    assert pool.tokens_P2L.shape == (3, 2, 4) and (pool.tokens_P2L == 9).all()
+    assert pool.tokens_P2Y.shape == (3, 2, 4) and (pool.tokens_P2Y == 9).all()
     assert (pool.iteration_P == -1).all() and np.isnan(pool.rewards_P2).all()
     assert pool.num_prompts == 3 and pool.max_len == 4
 
@@ -280,7 +280,7 @@ def test_pool_rejects_bad_arrays():
     [
         ([0, 0], (2, 2, 4), [[0, 1], [1, 0]], "repeated"),
         ([0, 5], (2, 2, 4), [[0, 1], [1, 0]], "out of range"),
-        ([0, 1], (2, 2, 3), [[0, 1], [1, 0]], "tokens_N2L must have shape"),
+        ([0, 1], (2, 2, 3), [[0, 1], [1, 0]], "tokens_N2Y must have shape"),
         ([0, 1], (2, 2, 4), [[0, np.nan], [1, 0]], "NaN or infinite"),
     ],
 )
@@ -306,7 +306,7 @@ def test_build_pairs_matches_reference(num_prompts, seed):
     rng = np.random.default_rng(seed)
     pool = _random_pool(rng, num_prompts, reward_values=[0.0, 0.5, 1.0])
     iteration_P = rng.integers(0, 3, num_prompts).astype(np.int32)
-    pool = selection.PromptPool(pool.tokens_P2L, pool.lengths_P2, pool.rewards_P2, iteration_P)
+    pool = selection.PromptPool(pool.tokens_P2Y, pool.lengths_P2, pool.rewards_P2, iteration_P)
     pairs = selection.build_pairs(pool, iteration=2)
 
     ref_idx, ties, new_rewards, kept_rewards = [], 0, [], []
@@ -319,13 +319,13 @@ def test_build_pairs_matches_reference(num_prompts, seed):
         w = 0 if r1 > r2 else 1
         k = len(ref_idx)
         ref_idx.append(i)
-        assert pairs.chosen_tokens_KL[k].tobytes() == pool.tokens_P2L[i, w].tobytes()
-        assert pairs.rejected_tokens_KL[k].tobytes() == pool.tokens_P2L[i, 1 - w].tobytes()
-        assert pairs.chosen_lengths_K[k] == pool.lengths_P2[i, w]
-        assert pairs.rejected_lengths_K[k] == pool.lengths_P2[i, 1 - w]
-        assert pairs.chosen_rewards_K[k] == max(r1, r2) > pairs.rejected_rewards_K[k] == min(r1, r2)
-        assert pairs.is_new_K[k] == (iteration_P[i] == 2)
-    assert pairs.prompt_idx_K.tolist() == ref_idx
+        assert pairs.chosen_tokens_QY[k].tobytes() == pool.tokens_P2Y[i, w].tobytes()
+        assert pairs.rejected_tokens_QY[k].tobytes() == pool.tokens_P2Y[i, 1 - w].tobytes()
+        assert pairs.chosen_lengths_Q[k] == pool.lengths_P2[i, w]
+        assert pairs.rejected_lengths_Q[k] == pool.lengths_P2[i, 1 - w]
+        assert pairs.chosen_rewards_Q[k] == max(r1, r2) > pairs.rejected_rewards_Q[k] == min(r1, r2)
+        assert pairs.is_new_Q[k] == (iteration_P[i] == 2)
+    assert pairs.prompt_idx_Q.tolist() == ref_idx
     assert pairs.num_ties == ties == int(pairs.tie_P.sum())
     assert pairs.num_new == len(new_rewards) and pairs.num_kept == len(kept_rewards)
     for got, want in ((pairs.mean_reward_new, new_rewards), (pairs.mean_reward_kept, kept_rewards)):
@@ -361,5 +361,5 @@ def test_one_iteration_end_to_end():
     )
     pairs = selection.build_pairs(pool, iteration=1)
     assert (pairs.num_ties, pairs.num_new, pairs.num_kept) == (1, 3, 7)
-    assert pairs.prompt_idx_K.tolist() == [0, 1, 2, 3, 4, 5, 6, 8, 9]
+    assert pairs.prompt_idx_Q.tolist() == [0, 1, 2, 3, 4, 5, 6, 8, 9]
     assert math.isclose(pairs.mean_reward_new, (5 + 30.5 + 39.5) / 3)

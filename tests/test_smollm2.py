@@ -4,9 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 
-from models import find_smollm2_gguf, forward, load_gguf, load_tokenizer
+from models import forward, load_tokenizer
 from sampling import SamplingOptions, common_prefix, sample_prompts
 
 CHATS = [
@@ -16,13 +15,13 @@ CHATS = [
 ]
 
 
+pytestmark = pytest.mark.xdist_group("smollm2")  # shares conftest's SmolLM2 with test_gguf.py
+
+
 @pytest.fixture(scope="module")
-def smollm2():
-    path = find_smollm2_gguf()
-    config, params = load_gguf(path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    ).eval()
+def smollm2(smollm2_ours, smollm2_transformers):
+    _, config, params = smollm2_ours
+    hf = smollm2_transformers
     tok = load_tokenizer("smollm2")
     prompts = [
         list(
@@ -52,8 +51,30 @@ def test_logits_match_transformers_on_left_padded_chat_prompts(smollm2):
     assert diff.max() / np.abs(want).max() < 5e-6
 
 
+@pytest.fixture(scope="module")
+def transformers_greedy(smollm2):
+    """transformers' greedy answers (24 new tokens) to each prompt, alone, without padding."""
+    _, _, hf, prompts = smollm2
+    answers = []
+    for p in prompts:
+        with torch.no_grad():
+            answers.append(
+                hf.generate(
+                    torch.tensor([p]),
+                    attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                    do_sample=False,
+                    max_new_tokens=24,
+                    eos_token_id=2,
+                    pad_token_id=2,
+                )[0, len(p) :].numpy()
+            )
+    return answers
+
+
 @pytest.mark.parametrize("share_prefix", [False, True])
-def test_greedy_decoding_reproduces_transformers_generate(smollm2, share_prefix):
+def test_greedy_decoding_reproduces_transformers_generate(
+    smollm2, transformers_greedy, share_prefix
+):
     config, params, hf, prompts = smollm2
     opts = SamplingOptions(max_new_tokens=24, eos_ids=(2,), pad_id=2, num_samples=1, greedy=True)
     prefix = common_prefix(prompts) if share_prefix else ()
@@ -70,16 +91,7 @@ def test_greedy_decoding_reproduces_transformers_generate(smollm2, share_prefix)
         max_prompt_len=64,
         shared_prefix=prefix,
     )
-    for i, p in enumerate(prompts):
-        with torch.no_grad():
-            want = hf.generate(
-                torch.tensor([p]),
-                attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                do_sample=False,
-                max_new_tokens=24,
-                eos_token_id=2,
-                pad_token_id=2,
-            )[0, len(p) :].numpy()
+    for i, want in enumerate(transformers_greedy):
         n = ours.lengths[i, 0]
         assert n == len(want)
         np.testing.assert_array_equal(ours.tokens[i, 0, :n], want)

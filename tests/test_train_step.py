@@ -10,6 +10,7 @@ import pytest
 
 from losses import sequence_logps
 from models import ModelConfig, forward, init_params
+from optune_jax.batch import PairBatch
 from optune_jax.errors import RunError
 from optune_jax.train_step import (
     LossChoice,
@@ -47,26 +48,27 @@ def pairs(k=4, resp=6, seed=0):
             n = 0 if (i, s) == (0, 1) else rng.randint(1, resp + 1)  # pair 0: an empty response
             attn[i, s, PROMPT : PROMPT + n] = 1
             resp_mask[i, s, PROMPT : PROMPT + n] = 1
-    return dict(
-        tokens_K2T=tokens,
-        attn_K2T=attn,
-        resp_K2T=resp_mask,
-        ref_logps_K2=rng.randn(k, 2).astype(np.float32) - 5,
-        rewards_K2=np.sort(rng.rand(k, 2), axis=1)[:, ::-1].astype(np.float32).copy(),
-        pair_mask_K=np.ones((k,), bool),
+    return PairBatch(
+        tokens=tokens,
+        attn=attn,
+        resp=resp_mask,
+        ref_logps=rng.randn(k, 2).astype(np.float32) - 5,
+        rewards=np.sort(rng.rand(k, 2), axis=1)[:, ::-1].astype(np.float32).copy(),
+        pair_mask=np.ones((k,), bool),
     )
 
 
 def as_batch(arrays, accum):
-    return {
-        n.replace("_K", "_AM", 1): x.reshape(accum, -1, *x.shape[1:]) for n, x in arrays.items()
-    }
+    return jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), arrays)
 
 
-def step_fn(loss_name="wdpo", opt=None):
-    policy = PolicySpec(CONFIG)
-    loss = LossChoice.from_values(loss_name, dict(beta=0.1, beta2=2.0))
-    opt = opt or make_optimizer(
+def copy(arrays):
+    return jax.tree.map(np.copy, arrays)
+
+
+@functools.cache
+def _adamw():
+    return make_optimizer(
         name="adamw",
         learning_rate=1e-2,
         total_steps=10,
@@ -74,20 +76,39 @@ def step_fn(loss_name="wdpo", opt=None):
         weight_decay=0.0,
         max_grad_norm=1.0,
     )
-    params = init_params(CONFIG, jax.random.key(0))
-    state = TrainState(jnp.zeros((), jnp.int32), params, opt.init(params))
-    step = jax.jit(
+
+
+@functools.cache
+def _jitted_step(loss_name, opt):
+    """One jitted step per loss and optimizer: the tests share its compiled programs (a
+    compilation takes seconds; the step is pure, so reusing it changes no result)."""
+    policy = PolicySpec(CONFIG)
+    loss = LossChoice.from_values(loss_name, dict(beta=0.1, beta2=2.0))
+    return jax.jit(
         functools.partial(train_step, optimizer=opt, policy=policy, loss=loss, prompt_len=PROMPT)
     )
-    return state, step
+
+
+@functools.cache
+def _params(seed):
+    """init_params compiles its layer scan anew on each call (seconds): once per seed here."""
+    return init_params(CONFIG, jax.random.key(seed))
+
+
+def step_fn(loss_name="wdpo", opt=None):
+    """A fresh initial state and the (shared) jitted step."""
+    opt = opt or _adamw()
+    params = _params(0)
+    state = TrainState(jnp.zeros((), jnp.int32), params, opt.init(params))
+    return state, _jitted_step(loss_name, opt)
 
 
 def test_response_logps_match_a_direct_full_sequence_computation():
     arrays = pairs()
-    params = init_params(CONFIG, jax.random.key(1))
-    tok = arrays["tokens_K2T"].reshape(8, -1)
-    attn = arrays["attn_K2T"].reshape(8, -1)
-    resp = arrays["resp_K2T"].reshape(8, -1)
+    params = _params(0)
+    tok = arrays.tokens.reshape(8, -1)
+    attn = arrays.attn.reshape(8, -1)
+    resp = arrays.resp.reshape(8, -1)
     got = response_logps(params, tok, attn, resp, policy=PolicySpec(CONFIG), prompt_len=PROMPT)
     logits = forward(params, jnp.asarray(tok), jnp.asarray(attn), config=CONFIG)
     want = sequence_logps(logits[:, :-1], jnp.asarray(tok[:, 1:]), jnp.asarray(resp[:, 1:]))
@@ -99,7 +120,7 @@ def test_response_logps_match_a_direct_full_sequence_computation():
 @pytest.mark.parametrize("loss_name", ["wdpo", "ipo"])
 def test_gradient_accumulation_equals_one_big_batch(loss_name):
     arrays = pairs(k=8)
-    arrays["pair_mask_K"][[1, 6]] = False  # uneven counted pairs per micro-batch
+    arrays.pair_mask[[1, 6]] = False  # uneven counted pairs per micro-batch
     sgd = optax.sgd(1.0)  # update = -gradient: compares the accumulated gradient itself
     state, step = step_fn(loss_name, sgd)
     big, m_big = step(state, as_batch(arrays, 1))
@@ -117,15 +138,14 @@ def test_masked_pairs_do_not_change_the_update():
     arrays = pairs(k=4)
     state, step = step_fn()
     ref, _ = step(state, as_batch(arrays, 2))
-    noisy = {n: x.copy() for n, x in arrays.items()}
-    noisy["pair_mask_K"][3] = False
-    noisy["tokens_K2T"][3] = 7
-    noisy["rewards_K2"][3] = [1e6, -1e6]
+    noisy = copy(arrays)
+    noisy.pair_mask[3] = False
+    noisy.tokens[3] = 7
+    noisy.rewards[3] = [1e6, -1e6]
     state, step = step_fn()
     a, _ = step(state, as_batch(noisy, 2))
-    three = {n: x[:3] for n, x in arrays.items()}
-    three = {n: np.concatenate([x, x[:1]]) for n, x in three.items()}
-    three["pair_mask_K"][3] = False
+    three = jax.tree.map(lambda x: np.concatenate([x[:3], x[:1]]), arrays)
+    three.pair_mask[3] = False
     state, step = step_fn()
     b, _ = step(state, as_batch(three, 2))
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a.params, b.params)
@@ -138,16 +158,9 @@ def test_behavior_reference_gives_log2_dpo_loss_at_the_first_step():
     # reference = the policy itself (π_t, SPEC §3): margins are 0, DPO loss is log 2
     arrays = pairs(k=4)
     state, step = step_fn("dpo")
-    flat = {n: arrays[n].reshape(8, -1) for n in ("tokens_K2T", "attn_K2T", "resp_K2T")}
-    ref = response_logps(
-        state.params,
-        flat["tokens_K2T"],
-        flat["attn_K2T"],
-        flat["resp_K2T"],
-        policy=PolicySpec(CONFIG),
-        prompt_len=PROMPT,
-    )
-    arrays["ref_logps_K2"] = np.asarray(ref).reshape(4, 2)
+    flat = [x.reshape(8, -1) for x in (arrays.tokens, arrays.attn, arrays.resp)]
+    ref = response_logps(state.params, *flat, policy=PolicySpec(CONFIG), prompt_len=PROMPT)
+    arrays = arrays.replace(ref_logps=np.asarray(ref).reshape(4, 2))
     _, metrics = step(state, as_batch(arrays, 2))
     np.testing.assert_allclose(metrics["loss"], np.log(2), rtol=1e-5)
     np.testing.assert_allclose(metrics["margin"], 0.0, atol=1e-5)
@@ -171,8 +184,8 @@ def _equal(a, b) -> bool:
 def test_a_non_finite_loss_leaves_the_state_as_it_was_then_training_goes_on():
     # issue 20: a NaN (here a reference logp) must not reach the parameters or Adam's moments
     good = pairs(k=4)
-    bad = {n: x.copy() for n, x in good.items()}
-    bad["ref_logps_K2"][2, 0] = np.nan
+    bad = copy(good)
+    bad.ref_logps[2, 0] = np.nan
     state, step = step_fn()
     before = jax.device_get(state)
     state, metrics = step(state, as_batch(bad, 2))
@@ -220,17 +233,17 @@ def test_the_guard_stops_on_the_limit_th_skipped_step_in_a_row():
 def test_rpo_alpha_adds_the_chosen_nll_per_token():
     """loss.rpo_alpha: the step's loss is the pairwise loss + α · mean −log π(y_w)/|y_w|,
     checked against the logps of a direct forward pass."""
-    from optune_jax.train_step import _policy_loss
+    from optune_jax.train_step import policy_loss
 
     arrays = pairs()
-    micro = {n.replace("_K", "_M", 1): jnp.asarray(x) for n, x in arrays.items()}
-    params = init_params(CONFIG, jax.random.key(3))
+    micro = jax.tree.map(jnp.asarray, arrays)
+    params = _params(0)
     kw = dict(policy=PolicySpec(CONFIG), prompt_len=PROMPT)
     plain = LossChoice.from_values("wdpo", dict(beta=0.1, beta2=2.0))
     rpo = LossChoice.from_values("wdpo", dict(beta=0.1, beta2=2.0, rpo_alpha=0.5))
-    base, _ = _policy_loss(params, micro, loss=plain, **kw)
-    value, metrics = _policy_loss(params, micro, loss=rpo, **kw)
-    chosen = [arrays[f"{n}_K2T"][:, 0] for n in ("tokens", "attn", "resp")]
+    base, _ = policy_loss(params, micro, loss=plain, **kw)
+    value, metrics = policy_loss(params, micro, loss=rpo, **kw)
+    chosen = [x[:, 0] for x in (arrays.tokens, arrays.attn, arrays.resp)]
     logps = np.asarray(response_logps(params, *chosen, **kw))
     nll = np.mean(-logps / chosen[2].sum(-1))
     assert float(metrics["nll_chosen"]) == pytest.approx(nll, rel=1e-5)

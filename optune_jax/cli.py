@@ -1,0 +1,127 @@
+"""The trainers' shared command line: arguments, the run driver, one-line errors, summary.md."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from optune_jax.config import describe_options, load_config
+from optune_jax.errors import RunError, describe_os_error, file_error
+
+
+def make_parser(prog: str, description: str, schema: type) -> argparse.ArgumentParser:
+    """The trainers' shared command line: --config, --set, --resume | --overwrite, switches."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog="config keys (YAML sections; override any with --set section.key=value):\n"
+        + describe_options(schema),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", required=True, help="YAML run config, e.g. configs/tiny.yaml")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.learning_rate=1e-6 (repeatable)",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in run.output_dir from its newest complete checkpoint",
+    )
+    mode.add_argument(
+        "--overwrite", action="store_true", help="delete what run.output_dir holds and start afresh"
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-export", action="store_true", help="skip the transformers export")
+    return p
+
+
+def report_error(error: Exception) -> int:
+    """Prints `error` as the one line a user reads (a bare OSError with its path and cause);
+    returns the exit code 2."""
+    message = str(error)
+    if isinstance(error, OSError):
+        message = f"{error.filename or 'a file'}: {describe_os_error(error)}"
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """A trainer's command: its name and help line, config schema, run class ("module:Class",
+    imported once the config is valid; built as `Class(cfg, resume=, overwrite=, progress=)`),
+    summary table of the metrics records, and what its export is called."""
+
+    prog: str
+    description: str
+    schema: type
+    run: str
+    summary_table: Callable[[list[dict]], str]
+    exported: str
+
+    def main(self, argv: list[str] | None = None) -> int:
+        """The command: exit code 0, or 2 with one line on stderr (`run_main`)."""
+        return run_main(argv, self)
+
+    def make_run(self, cfg, **kw):
+        module, name = self.run.split(":")
+        return getattr(importlib.import_module(module), name)(cfg, **kw)
+
+
+def run_main(argv: list[str] | None, trainer: Trainer) -> int:
+    """A trainer's `main`: parses `argv`, loads the config, builds the run, trains, writes and
+    prints the summary, exports; returns the exit code (2: one line on stderr for what a user
+    can fix). With several processes, process 0 speaks and writes."""
+    args = make_parser(trainer.prog, trainer.description, trainer.schema).parse_args(argv)
+    schema, make_run = trainer.schema, trainer.make_run
+    summary_table, exported = trainer.summary_table, trainer.exported
+    try:
+        cfg = load_config(args.config, args.overrides, schema=schema)
+        from optune_jax import distributed  # heavy imports once the config is valid
+
+        d = getattr(cfg, "distributed", None)
+        if d is not None:
+            distributed.initialize(d.coordinator, d.num_processes, d.process_id)
+        run = make_run(
+            cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+        )
+    except (ValueError, OSError) as e:  # RunError (config, data, output directory) among them
+        return report_error(e)
+    try:
+        primary = distributed.is_primary()
+        if primary and run.describe_data():
+            print(run.describe_data())
+        records = run.run()
+        if primary:
+            table = summary_table(records)
+            write_summary(run.out, table)
+            print(table)
+        if not args.no_export:
+            out = run.export()  # every process joins; process 0 writes
+            if primary:
+                print(f"exported {exported}: {out}")
+    except (RunError, OSError) as e:  # what a user can fix: one line, exit code 2
+        return report_error(e)
+    finally:
+        run.close()
+    return 0
+
+
+def write_summary(out: Path, table: str) -> None:
+    """`out/summary.md`, written whole or not at all (RunError naming the file and cause)."""
+    path = out / "summary.md"
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_text(table + "\n")
+        tmp.replace(path)
+    except OSError as e:
+        raise file_error("write", path, e) from None

@@ -1,0 +1,105 @@
+"""Phase: held-out reward of a policy and its drift from π_0 (SPEC §6)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import numpy as np
+
+from optune_jax import drift
+from optune_jax.generate import Generator
+from optune_jax.pairs import layout
+from optune_jax.reference import ReferenceLogps
+from optune_jax.scoring import ResponseScorer
+
+EVAL_SEED_OFFSET = 1_000_003  # held-out draws use their own stream, the same every iteration
+
+
+@dataclasses.dataclass
+class Evaluator:
+    """Evaluates a policy on the held-out prompts (token ids, rows, shared prefix)."""
+
+    cfg: object  # RunConfig
+    generate: Generator
+    score: ResponseScorer
+    reference: ReferenceLogps
+    prompts: Sequence[Sequence[int]]
+    rows: Sequence[dict]
+    prefix: tuple[int, ...]
+    initial_params: object  # π_0 (on the host); None without eval.drift
+    pad_id: int
+
+    def __call__(self, params, *, initial: bool = False) -> tuple[np.ndarray, dict]:
+        """Held-out rewards [N] and the evaluation's record.
+
+        Rewards, length and EOS rate come from one sample per prompt with the `sampling.*`
+        settings. With `eval.drift`: KL(π_t‖π_0) per token on exact samples of π_t (these same
+        samples when the settings are exact, else a draw at temperature 1 without truncation;
+        0 by definition for π_0 itself, `initial`), and π_t's greedy answers: their NLL under
+        π_0, EOS rate and length, and the first `eval.examples` of them as text.
+        """
+        e, s = self.cfg.eval, self.cfg.sampling
+        draw = functools.partial(
+            self.generate,
+            params,
+            self.prompts,
+            np.arange(len(self.prompts)),
+            seed=self.cfg.run.seed + EVAL_SEED_OFFSET,
+            iteration=0,
+            num_samples=1,
+            max_new=e.max_new_tokens,
+            batch=e.batch_size,
+            prefix=self.prefix,
+        )
+        gen = draw(desc="evaluate")
+        rewards = self.score(self.rows, gen.tokens, gen.lengths)[:, 0]
+        record = {
+            "eval.reward": float(np.mean(rewards)),
+            "eval.eos_rate": float(np.mean(gen.finished)),
+            "eval.response_tokens": float(np.mean(gen.lengths)),
+        }
+        if not e.drift:
+            return rewards, record
+        exact = s.temperature == 1.0 and s.top_p == 1.0 and not s.top_k
+        samples = gen
+        if not (exact or initial):  # an unbiased KL estimate needs untruncated samples of π_t
+            samples = draw(
+                desc="evaluate: KL samples", iteration=1, top_p=1.0, top_k=0, temperature=1.0
+            )
+        greedy = draw(desc="evaluate: greedy", greedy=True)
+        rows = layout(  # samples and greedy answers side by side: one π_0 pass for both
+            self.prompts,
+            np.concatenate([samples.tokens, greedy.tokens], axis=1),
+            np.concatenate([samples.lengths, greedy.lengths], axis=1),
+            prompt_len=self.cfg.data.max_prompt_tokens,
+            pad_id=self.pad_id,
+        )
+        logp0 = self.reference(self.initial_params, *rows, summed=True)
+        logp_t = samples.logps.sum(-1)[:, 0]  # the sampler's logps: π_t's own when exact
+        kl = 0.0 if initial else drift.kl_per_token(logp_t, logp0[:, 0], samples.lengths[:, 0])
+        k = min(e.examples, len(self.prompts))
+        answers = self.score.texts(greedy.tokens[:k, 0], greedy.lengths[:k, 0])
+        column = self.cfg.data.prompt_column
+        record.update({
+            "eval.kl_initial": kl,
+            "eval.nll_initial": drift.nll_per_token(logp0[:, 1], greedy.lengths[:, 0]),
+            "eval.greedy_eos_rate": float(np.mean(greedy.finished)),
+            "eval.greedy_tokens": float(np.mean(greedy.lengths)),
+            "eval.greedy_rep4": drift.seq_rep_n(
+                [t[:n] for t, n in zip(greedy.tokens[:, 0], greedy.lengths[:, 0], strict=True)]
+            ),
+            "eval.examples": [
+                {"prompt": r[column], "answer": a}
+                for r, a in zip(self.rows[:k], answers, strict=True)
+            ],
+        })
+        return rewards, record
+
+    @staticmethod
+    def win_score(rewards_N: np.ndarray, initial_N: np.ndarray) -> float:
+        """SPEC §6: 50 + 100 · (wins − losses) / N against π_0's held-out rewards."""
+        wins = int(np.sum(rewards_N > initial_N))
+        losses = int(np.sum(rewards_N < initial_N))
+        return 50.0 + 100.0 * (wins - losses) / len(rewards_N)

@@ -1,0 +1,73 @@
+"""Phase: sample responses of a policy to prompts with the run's `sampling.*` settings (SPEC §4)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from optune_jax import distributed, sharding
+from sampling import Generation, SamplingOptions, sample_prompts
+
+
+@dataclasses.dataclass
+class Generator:
+    """`sample_prompts` on the run's mesh, with a progress bar per call."""
+
+    cfg: object  # RunConfig
+    policy: object  # components.Policy
+    mesh: object
+    rules: object
+    progress: bool = True
+
+    def __call__(
+        self,
+        params,
+        prompts: Sequence[Sequence[int]],
+        ids: np.ndarray,
+        *,
+        seed: int,
+        iteration: int,
+        num_samples: int,
+        desc: str,
+        prefix: tuple[int, ...],
+        max_new: int | None = None,
+        batch: int | None = None,
+        **override,
+    ) -> Generation:
+        """`num_samples` responses [N, S, Y] to each prompt; `override` replaces
+        SamplingOptions fields (e.g. greedy=True, top_p=1.0)."""
+        s = self.cfg.sampling
+        opts = SamplingOptions(
+            max_new_tokens=max_new or s.max_new_tokens,
+            eos_ids=self.policy.eos_ids,
+            pad_id=self.policy.pad_id,
+            num_samples=num_samples,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+        )
+        opts = dataclasses.replace(opts, **override)
+        put = lambda x: distributed.put(x, sharding.batch_sharding(self.mesh, self.rules, len(x)))
+        with tqdm(
+            total=len(prompts), desc=desc, unit="prompt", disable=not self.progress, leave=False
+        ) as bar, sharding.rules_context(self.mesh, self.rules):
+            return sample_prompts(
+                params,
+                prompts,
+                ids,
+                config=self.policy.config,
+                opts=opts,
+                seed=seed,
+                iteration=iteration,
+                batch_size=batch or s.batch_size,
+                max_prompt_len=self.cfg.data.max_prompt_tokens,
+                dtype=self.cfg.model.dtype,
+                shared_prefix=prefix,
+                pack=s.pack_prompts,
+                on_batch=bar.update,
+                device_put=put,
+                device_get=distributed.get,
+            )

@@ -1,0 +1,85 @@
+"""Phase: epochs of the configured loss over D_t on the mesh (SPEC §4 step 7)."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from optune_jax import sharding
+from optune_jax.batch import PairBatch, micro_batches
+from optune_jax.steps import run_steps
+from optune_jax.train_step import LossChoice, NonFiniteGuard, PolicySpec, train_step
+
+
+class PolicyTrainer:
+    """The jitted train step over the mesh and the epoch loop that feeds it."""
+
+    def __init__(
+        self,
+        cfg,
+        *,
+        optimizer,
+        spec: PolicySpec,
+        loss: LossChoice,
+        lora,
+        mesh,
+        rules,
+        state_shardings,
+        frozen_shardings,
+        progress: bool,
+    ):
+        self.cfg, self.progress = cfg, progress
+        t = cfg.train
+        self.batch_sharding = sharding.batch_sharding(mesh, rules, t.micro_batch_size, axis=1)
+        self.step = sharding.jit_train_step(
+            functools.partial(
+                train_step,
+                optimizer=optimizer,
+                policy=spec,
+                loss=loss,
+                prompt_len=cfg.data.max_prompt_tokens,
+                lora=lora,
+            ),
+            mesh,
+            rules,
+            state_shardings=state_shardings,
+            batch_sharding=self.batch_sharding,
+            frozen_shardings=frozen_shardings if lora else None,
+        )
+
+    def steps_per_iteration(self, pairs: int) -> int:
+        return self.cfg.train.epochs * math.ceil(pairs / self.cfg.train.batch_size)
+
+    def train(self, state, batch: PairBatch, t: int, *, guard: NonFiniteGuard, frozen=None,
+              before_step=None):
+        """(state, metrics) after `train.epochs` passes over the host batch [Q] in a seeded
+        order per epoch; `before_step`: HyPO's online-sample hook."""
+        cfg = self.cfg.train
+        k = len(batch.pair_mask)
+
+        def stream():
+            for epoch in range(cfg.epochs):
+                order = np.random.default_rng([self.cfg.run.seed, t, epoch, 7]).permutation(k)
+                yield from micro_batches(
+                    batch, order, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size
+                )
+
+        state, sums, first = run_steps(
+            self.step,
+            state,
+            stream(),
+            frozen=frozen,
+            sharding=self.batch_sharding,
+            guard=guard,
+            where=f"iteration {t}",
+            total=self.steps_per_iteration(k),
+            desc=f"iter {t} train",
+            progress=self.progress,
+            before_step=before_step,
+        )
+        out = sums.means()
+        # the first step of a phase: with reference π_t, margins (and the KL) are exactly 0
+        out.update({f"first.{m}": float(first[m]) for m in ("margin", "kl") if m in first})
+        return state, out
