@@ -26,7 +26,7 @@ tiny: $(STAMP)
 	$(BIN)/python -m optune_jax.train --config configs/tiny.yaml $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=10
+	$(BIN)/python -m pytest -q -n 2 --durations=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

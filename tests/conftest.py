@@ -29,7 +29,7 @@ def pytest_configure(config):
 
 # The bundled SmolLM2-135M-Instruct, read once per worker by our GGUF loader and once by
 # transformers' (its dequantizer; about 25 s): test_smollm2.py and test_gguf.py share both, and
-# their `xdist_group("smollm2")` keeps them on one worker under `make test` (--dist loadgroup).
+# the "smollm2" group below keeps them on one pytest-xdist worker.
 @pytest.fixture(scope="session")
 def smollm2_ours():
     """(path, config, params) of the bundled GGUF through models.load_gguf."""
@@ -51,10 +51,21 @@ def smollm2_transformers(smollm2_ours):
     ).eval()
 
 
-# The longest tests first (seconds on 2 cores under `make test`), so that pytest-xdist's two
-# workers finish together rather than one running a long test alone at the end; `--dist
-# loadgroup` hands out the xdist groups (test_loop's shared run, SmolLM2) before single tests.
-# The other tests keep their order.
+# Scheduling under pytest-xdist (`make test`: -n 2). Tests that share an expensive fixture run
+# on one worker: GROUPS maps node-id prefixes to a group. (pytest-xdist 3.8's own
+# `--dist loadgroup` no longer groups under pytest 9.2, pytest-xdist#1386.) Then the longest
+# tests first (LONGEST_FIRST; the others keep their order), so that the two workers finish
+# together rather than one running a long test alone at the end.
+GROUPS = {
+    "tests/test_smollm2.py::": "smollm2",
+    "tests/test_gguf.py::test_smollm2_params_match_transformers": "smollm2",
+    # the tests that reuse test_loop's `uninterrupted` run (module scope: one run per worker)
+    "tests/test_loop.py::test_a_run_killed_mid_iteration": "uninterrupted",
+    "tests/test_loop.py::test_output_dir_guards_and_incompatible_resume": "uninterrupted",
+    "tests/test_loop.py::test_failures_inside_the_checkpoint": "uninterrupted",
+    "tests/test_loop.py::test_a_truncated_newest_checkpoint": "uninterrupted",
+    "tests/test_loop.py::test_a_half_written_checkpoint": "uninterrupted",
+}
 LONGEST_FIRST = (
     "tests/test_loop.py::test_tiny_config_learns_and_accounts_for_generation",
     "tests/test_multihost.py::",
@@ -75,3 +86,19 @@ def pytest_collection_modifyitems(config, items):
         )
 
     items.sort(key=rank)  # stable: ties keep the collection order
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """-n N's default `--dist load` (or `loadgroup`), but each group of GROUPS goes to one
+    worker as a unit (handed out first, the largest first), then the single tests in the order
+    above."""
+    if config.getvalue("dist") not in ("load", "loadgroup"):
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupsThenLoad(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return next((g for p, g in GROUPS.items() if nodeid.startswith(p)), nodeid)
+
+    return GroupsThenLoad(config, log)

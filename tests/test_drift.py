@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from optune_jax import drift, train
 from optune_jax.loop import OptuneRun
 
-from .test_loop import micro_config
+from .test_loop import ONE_DEVICE, micro_config
 
 
 def test_kl_and_nll_per_token_by_hand():
@@ -47,7 +47,8 @@ def test_evaluation_of_pi0_against_itself_has_zero_kl(tmp_path, top_p):
     """The sampler's logps of π_0's own samples and π_0's forward pass agree token for token,
     so KL(π_0‖π_0) comes out 0; with truncated sampling the KL samples are drawn untruncated."""
     run = OptuneRun(
-        micro_config(tmp_path, "eval.drift=true", f"sampling.top_p={top_p}"), progress=False
+        micro_config(tmp_path, "eval.drift=true", f"sampling.top_p={top_p}", ONE_DEVICE),
+        progress=False,
     )
     rewards, record = run.evaluate(run.policy_params())  # not `initial`: measured, not set to 0
     run.close()
@@ -86,7 +87,9 @@ def test_missing_eos_penalty_lowers_only_cut_training_responses(tmp_path):
     from optune_jax.pairs import ended_with_eos
 
     run = OptuneRun(
-        micro_config(tmp_path, "reward.missing_eos_penalty=0.5", "sampling.max_new_tokens=12"),
+        micro_config(
+            tmp_path, "reward.missing_eos_penalty=0.5", "sampling.max_new_tokens=12", ONE_DEVICE
+        ),
         progress=False,
     )
     run.source.pairs(0, run.policy_params(), {})

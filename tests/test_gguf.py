@@ -190,7 +190,6 @@ def test_smollm2_config_matches_transformers(smollm2, smollm2_config):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("smollm2")  # conftest's two readings, shared with test_smollm2.py
 def test_smollm2_params_match_transformers(smollm2, smollm2_config, smollm2_ours,
                                            smollm2_transformers):
     path, config, params = smollm2_ours  # load_gguf(smollm2)

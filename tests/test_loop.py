@@ -21,14 +21,20 @@ from optune_jax.training import PolicyTrainer
 MICRO = [
     "optune.iterations=2",
     "data.num_train_prompts=16",
-    "data.num_eval_prompts=8",
-    "sampling.max_new_tokens=8",
+    "data.num_eval_prompts=4",
+    "sampling.max_new_tokens=4",
     "sampling.batch_size=16",
     "train.batch_size=8",
     "train.micro_batch_size=4",
     "train.epochs=1",
     "eval.drift=false",  # the drift metrics are tested in test_drift.py and the tiny run below
 ]
+
+
+# one device rather than conftest's 8 simulated ones (a run takes a third less time): for the
+# tests of what a run does, not of how it is laid out. The 8-device mesh stays with the resume
+# and fault tests (sharded checkpoints), LoRA, hypo, test_multihost.py and test_sharding.py.
+ONE_DEVICE = "mesh.fsdp=1"
 
 
 def micro_config(tmp_path, *extra):
@@ -39,7 +45,8 @@ def test_tiny_config_learns_and_accounts_for_generation(tmp_path, capsys):
     out = tmp_path / "tiny"
     assert (
         train.main(
-            ["--config", "configs/tiny.yaml", "--no-progress", "--set", f"run.output_dir={out}"]
+            ["--config", "configs/tiny.yaml", "--no-progress", "--set", f"run.output_dir={out}",
+             "--set", ONE_DEVICE]  # as `make tiny` runs on a CPU: one device
         )
         == 0
     )
@@ -71,13 +78,10 @@ def _params(run):
     return jax.device_get(run.state.params)
 
 
-# the tests that share this run: one worker under `make test` (--dist loadgroup) runs it once
-SHARES_THE_RUN = pytest.mark.xdist_group("uninterrupted")
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """The micro run from start to end: (its final parameters, its output directory)."""
+    """The micro run from start to end: (its final parameters, its output directory). Its
+    users form one group in conftest.GROUPS: one run for them all under pytest-xdist."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
     run = OptuneRun(micro_config(tmp), progress=False)
     run.run()
@@ -102,7 +106,6 @@ def _resumes_to(want, cfg, next_iteration: int) -> list[dict]:
     return records
 
 
-@SHARES_THE_RUN
 def test_a_run_killed_mid_iteration_resumes_to_the_same_parameters(
     uninterrupted, tmp_path, monkeypatch
 ):
@@ -127,7 +130,8 @@ def test_a_run_killed_mid_iteration_resumes_to_the_same_parameters(
 
 def test_reference_initial_keeps_pi0_logps(tmp_path):
     run = OptuneRun(
-        micro_config(tmp_path, "optune.reference=initial", "optune.iterations=1"), progress=False
+        micro_config(tmp_path, "optune.reference=initial", "optune.iterations=1", ONE_DEVICE),
+        progress=False,
     )
     assert run.initial_params is not None
     records = run.run()
@@ -167,7 +171,6 @@ def test_bad_input_stops_with_one_line_and_writes_nothing(tmp_path, capsys):
     assert not out.exists()  # nothing half-written by any of the above
 
 
-@SHARES_THE_RUN
 def test_output_dir_guards_and_incompatible_resume(uninterrupted, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(uninterrupted[1], out)  # the finished micro run: iterations -1, 0, 1
@@ -186,18 +189,15 @@ def test_output_dir_guards_and_incompatible_resume(uninterrupted, tmp_path, caps
     _fails(capsys, [*base, "--set", f"run.output_dir={other}"], "not an optune-jax run")
 
 
-def test_a_half_written_checkpoint_is_never_taken_for_a_complete_one(tmp_path):
-    cfg = micro_config(tmp_path, "optune.iterations=1")
-    run = OptuneRun(cfg, progress=False)
-    run.run()
-    run.close()
+def test_a_half_written_checkpoint_is_never_taken_for_a_complete_one(uninterrupted, tmp_path):
+    shutil.copytree(uninterrupted[1], tmp_path / "run")  # checkpoints 0 and 1 of 2 iterations
     ckpts = tmp_path / "run" / "checkpoints"
-    partial = ckpts / "1.orbax-checkpoint-tmp-1700000000"  # a save cut by a kill
+    partial = ckpts / "2.orbax-checkpoint-tmp-1700000000"  # a save cut by a kill
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "junk").write_bytes(b"\0" * 64)
-    resumed = OptuneRun(cfg, resume=True, progress=False)
-    assert resumed.ckpt.latest() == 0 and resumed.next_step == 1
-    assert resumed.ckpt.meta(0)["config"]["optune"]["iterations"] == 1
+    resumed = OptuneRun(micro_config(tmp_path, "optune.iterations=3"), resume=True, progress=False)
+    assert resumed.ckpt.latest() == 1 and resumed.next_step == 2
+    assert resumed.ckpt.meta(1)["config"]["optune"]["iterations"] == 2
     resumed.close()
 
 
@@ -222,7 +222,8 @@ def test_lora_ensemble_trains_adapters_and_exports_the_merged_model(tmp_path):
 
 
 def test_offline_dpo_generates_d0_once_then_never_again(tmp_path):
-    run = OptuneRun(micro_config(tmp_path, "run.mode=offline", "loss.name=dpo"), progress=False)
+    run = OptuneRun(micro_config(tmp_path, "run.mode=offline", "loss.name=dpo", ONE_DEVICE),
+                    progress=False)
     records = run.run()[1:]
     run.close()
     assert [r["prompts_regenerated"] for r in records] == [16, 0]
@@ -251,7 +252,7 @@ def test_offline_pairs_from_a_file(tmp_path, capsys):
     rows = [{"prompt": f"Say something about the number {i}.", "chosen": "a e i o u " * 3,
              "rejected": "x y z " * 4} for i in range(16)]
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run = OptuneRun(micro_config(tmp_path, "run.mode=offline", "loss.name=dpo",
+    run = OptuneRun(micro_config(tmp_path, "run.mode=offline", "loss.name=dpo", ONE_DEVICE,
                                  f"data.offline_files=[{pairs}]"), progress=False)
     records = run.run()[1:]
     run.close()
@@ -285,7 +286,6 @@ class _HalfFull:
         raise OSError(errno.ENOSPC, "No space left on device", self.f.name)
 
 
-@SHARES_THE_RUN
 def test_failures_inside_the_checkpoint_and_metrics_writes_resume_to_the_same_parameters(
     uninterrupted, tmp_path, monkeypatch
 ):
@@ -330,7 +330,6 @@ def test_failures_inside_the_checkpoint_and_metrics_writes_resume_to_the_same_pa
     assert [r["iteration"] for r in records] == _iterations(log) == [-1, 0, 1]
 
 
-@SHARES_THE_RUN
 def test_a_truncated_newest_checkpoint_resumes_from_the_one_before(uninterrupted, tmp_path, capsys):
     # issue 20, case 2: an array file of checkpoint 1 cut short; the run goes on from checkpoint
     # 0 and ends with the parameters of the uninterrupted run
@@ -354,7 +353,7 @@ def test_non_finite_training_stops_in_one_line_and_exports_nothing(tmp_path, cap
     # issue 20, case 1: learning rate 1e38; every update overflows and is skipped, and the
     # third in a row (train.max_skipped_steps=3; two steps per iteration) stops iteration 1
     out = tmp_path / "run"
-    sets = [*MICRO, "train.learning_rate=1e38", "data.max_prompt_tokens=64",
+    sets = [*MICRO, ONE_DEVICE, "train.learning_rate=1e38", "data.max_prompt_tokens=64",
             f"run.output_dir={out}"]
     argv = ["--config", "configs/tiny.yaml", "--no-progress"]
     assert train.main([*argv, *[x for s in sets for x in ("--set", s)]]) == 2

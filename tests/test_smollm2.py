@@ -15,9 +15,6 @@ CHATS = [
 ]
 
 
-pytestmark = pytest.mark.xdist_group("smollm2")  # shares conftest's SmolLM2 with test_gguf.py
-
-
 @pytest.fixture(scope="module")
 def smollm2(smollm2_ours, smollm2_transformers):
     _, config, params = smollm2_ours
