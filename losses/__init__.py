@@ -1,7 +1,7 @@
 """Preference-tuning losses: sequence logps (SPEC §1), pairwise losses (§2), HyPO's KL term (§5)."""
 
 from losses.kl import hypo_loss, kl_surrogate
-from losses.logps import sequence_logps, shift_labels, token_logps
+from losses.logps import packed_sequence_logps, sequence_logps, shift_labels, token_logps
 from losses.preference import (
     bradley_terry_loss,
     chosen_nll,
@@ -24,6 +24,7 @@ __all__ = [
     "hypo_loss",
     "ipo_loss",
     "kl_surrogate",
+    "packed_sequence_logps",
     "sequence_logps",
     "shift_labels",
     "token_logps",

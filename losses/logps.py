@@ -82,3 +82,29 @@ def sequence_logps(
         num_tokens_B = jnp.maximum(jnp.sum(mask_BT, axis=-1), 1).astype(jnp.float32)
         logps_B = logps_B / num_tokens_B
     return logps_B
+
+
+def packed_sequence_logps(
+    logits_JV: jax.Array,
+    labels_J: jax.Array,
+    seq_J: jax.Array,
+    num_seqs: int,
+    *,
+    average: bool = False,
+) -> jax.Array:
+    """`sequence_logps` of packed targets (SPEC §1): J logits and labels in any order, each
+    belonging to sequence `seq_J` in [0, num_seqs) or to none (-1, filler).
+
+    Returns float32 `logps_N` [num_seqs]; a sequence without targets gives 0.
+    """
+    chex.assert_rank([logits_JV, labels_J, seq_J], [2, 1, 1])
+    chex.assert_equal_shape([labels_J, seq_J])
+    valid_J = seq_J >= 0
+    labels_J = jnp.where(valid_J, labels_J, 0)
+    logps_J = jnp.where(valid_J, token_logps(logits_JV[:, None], labels_J[:, None])[:, 0], 0.0)
+    seq_J = jnp.where(valid_J, seq_J, num_seqs)  # filler into one extra segment, dropped
+    logps_N = jax.ops.segment_sum(logps_J, seq_J, num_segments=num_seqs + 1)[:num_seqs]
+    if average:  # max(n, 1) as in `sequence_logps`
+        counts_N = jax.ops.segment_sum(valid_J.astype(jnp.float32), seq_J, num_seqs + 1)
+        logps_N = logps_N / jnp.maximum(counts_N[:num_seqs], 1.0)
+    return logps_N

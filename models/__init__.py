@@ -5,7 +5,14 @@ from models.gguf_io import find_smollm2_gguf, load_gguf, load_gguf_tokenizer
 from models.hf_io import CheckpointError, export_hf_checkpoint, load_hf_checkpoint
 from models.inference import decode_step, prefill, unstack_layers
 from models.kv_cache import KVCache, cache_slots, init_cache
-from models.mistral import Transformer, forward, init_params, logical_axes, positions_from_mask
+from models.mistral import (
+    Transformer,
+    forward,
+    forward_packed,
+    init_params,
+    logical_axes,
+    positions_from_mask,
+)
 from models.pretrained import SMOLLM2, load_pretrained, load_tokenizer
 
 __all__ = [
@@ -25,6 +32,7 @@ __all__ = [
     "cache_slots",
     "decode_step",
     "forward",
+    "forward_packed",
     "init_cache",
     "init_params",
     "logical_axes",

@@ -17,6 +17,35 @@ def matmul_dtype(x: jax.Array):
     return jnp.float32 if x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu" else None
 
 
+@jax.custom_vjp
+def _cpu_matmul(x, w):
+    return jnp.matmul(x, w, preferred_element_type=matmul_dtype(x))
+
+
+def _cpu_matmul_fwd(x, w):
+    return _cpu_matmul(x, w), (x, w)
+
+
+def _cpu_matmul_bwd(res, g_TF):
+    # the gradient [T, F] stays as it is; the smaller activation [T, D] and kernel [D, F] are
+    # transposed instead (XLA:CPU otherwise copies g transposed for the kernel's gradient)
+    x_TD, w_DF = res
+    g = g_TF.astype(x_TD.dtype)
+    dx = jnp.matmul(g, w_DF.T, preferred_element_type=matmul_dtype(g)).astype(x_TD.dtype)
+    dw = jnp.matmul(x_TD.T, g, preferred_element_type=matmul_dtype(g)).astype(w_DF.dtype)
+    return dx, dw
+
+
+_cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`x [T, D] @ w [D, F]`; on a CPU with a backward that transposes the small operands."""
+    if jax.default_backend() == "cpu":
+        return _cpu_matmul(x, w)
+    return jnp.matmul(x, w, preferred_element_type=matmul_dtype(x))
+
+
 def project(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
     """`einsum(eq, x, w)` of an activation and a kernel, as one matmul where the axes allow."""
     ins, out = eq.split("->")
@@ -26,9 +55,7 @@ def project(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
         # one matmul over the merged axes: einsum may contract them in another order,
         # which makes XLA transpose (copy) the kernel at every call
         k = math.prod(w.shape[:m])
-        y = jnp.matmul(
-            x.reshape(*x.shape[:-m], k), w.reshape(k, -1), preferred_element_type=matmul_dtype(x)
-        )
+        y = matmul(x.reshape(-1, k), w.reshape(k, -1))
         return y.reshape(*x.shape[:-m], *w.shape[m:])
     return jnp.einsum(eq, x, w, preferred_element_type=matmul_dtype(x))
 

@@ -64,6 +64,20 @@ def allowed_keys(q_pos_BT, k_pos_BS, window: int | None) -> jax.Array:
     return ok
 
 
+def packed_allowed(segment_BT, branch_BT, pos_BT, window: int | None) -> jax.Array:
+    """Which keys each query sees [B, T, T] in B packed lines of T slots: causal by line index
+    within its segment (-1: padding), a branch (> 0) seeing its segment's trunk (branch 0) and
+    itself only."""
+    t = segment_BT.shape[1]
+    seg_q, seg_k = segment_BT[:, :, None], segment_BT[:, None, :]
+    br_q, br_k = branch_BT[:, :, None], branch_BT[:, None, :]
+    ok = (seg_q == seg_k) & (seg_k >= 0) & (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])
+    ok &= (br_k == 0) | (br_k == br_q)
+    if window is not None:
+        ok &= pos_BT[:, :, None] - pos_BT[:, None, :] < window
+    return ok
+
+
 # ------------------------------------------------------------------------------- layers
 def kernel_init(axes):
     return nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), axes)

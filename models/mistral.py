@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from models.config import ModelConfig
 from models.kv_cache import KVCache
-from models.layers import Block, Dtype, Embedder, LMHead, RMSNorm, allowed_keys
+from models.layers import Block, Dtype, Embedder, LMHead, RMSNorm, allowed_keys, packed_allowed
 
 REMAT_POLICIES = {
     "none": None,  # keep every activation (no rematerialisation)
@@ -157,3 +157,30 @@ def forward(
         logits_from=logits_from,
     )
     return out
+
+
+def forward_packed(
+    params,
+    tokens_GW,
+    pos_GW,
+    segment_GW,
+    branch_GW,
+    logits_at_J,
+    *,
+    config: ModelConfig,
+    dtype="float32",
+    remat: str = "none",
+) -> jax.Array:
+    """Forward over packed lines: float32 logits [J, V] at the flat indices `logits_at_J` into
+    the G * W slots.
+
+    Each line holds segments end to end (`segment_GW`, -1 on padding); a segment is a trunk
+    (`branch_GW` 0, e.g. a prompt) and branches (1, 2, ...: its responses) that see the trunk
+    and themselves only, at positions `pos_GW` continuing from the trunk (SPEC §1).
+    """
+    allowed = packed_allowed(segment_GW, branch_GW, pos_GW, config.sliding_window)
+    model = Transformer(config, dtype=jnp.dtype(dtype), remat=remat)
+    logits, _ = model.apply(
+        {"params": params}, tokens_GW, pos_GW, allowed, logits_at_R=logits_at_J
+    )
+    return logits

@@ -86,6 +86,7 @@ def _train_inputs(cfg, config, mesh, rules):
     from optune_jax import sharding
     from optune_jax.batch import PairBatch
     from optune_jax.components import build_optimizer, lora_spec
+    from optune_jax.packing import longest_line
     from optune_jax.train_step import TrainState
 
     t, m = cfg.train, cfg.model
@@ -110,7 +111,12 @@ def _train_inputs(cfg, config, mesh, rules):
     seq = cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens
     samples = cfg.hypo.samples_per_prompt if get_loss(cfg.loss.name).needs_samples else 0
     split = sharding.batch_sharding(mesh, rules, mb, axis=1)
-    batch = PairBatch.abstract((a, mb), seq, samples=samples, sharding=split)
+    packed = None
+    if t.pack:  # the worst case: a line per pair (optune_jax.packing)
+        y, branches = cfg.sampling.max_new_tokens, 2 + samples
+        line = longest_line(cfg.data.max_prompt_tokens, y, branches)
+        packed = (mb, line, mb * branches * y)
+    batch = PairBatch.abstract((a, mb), seq, samples=samples, sharding=split, packed=packed)
     return state, shardings, batch, frozen, params, optimizer, lora
 
 

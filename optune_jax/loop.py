@@ -112,6 +112,7 @@ class OptuneRun(Runner):
             rules=self.rules,
             param_shardings=param_shardings,
             rows=2 * t.micro_batch_size,
+            pack=t.pack,
         )
         self.evaluate = Evaluator(
             cfg,

@@ -136,6 +136,10 @@ class TrainSection:
     epochs: int = option(1, range=POSITIVE)  # over D_t, per iteration
     batch_size: int = option(8, range=POSITIVE)  # pairs per optimizer step
     micro_batch_size: int = option(8, range=POSITIVE)  # pairs per forward/backward (accumulated)
+    # responses packed end to end, each prompt once before its responses (prefix sharing), in
+    # the policy's train step and reference pass (optune_jax.packing); false: a padded row per
+    # response. The reward model's trainer (train_rm) pads its rows either way.
+    pack: bool = True
     # optimizer steps with a non-finite loss, gradient norm or update are skipped (the state is
     # kept); this many in a row stop the run
     max_skipped_steps: int = option(3, range=POSITIVE)

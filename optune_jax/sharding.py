@@ -156,6 +156,14 @@ def batch_sharding(mesh: Mesh, rules: Rules, rows: int, *, axis: int = 0) -> Nam
     return logical_sharding((1,) * axis + (rows,), (None,) * axis + ("batch",), mesh, rules)
 
 
+def split_count(sharding: NamedSharding, axis: int) -> int:
+    """How many parts `sharding` splits dim `axis` into (1: whole)."""
+    spec = tuple(sharding.spec) + (None,) * (axis + 1)
+    axes = spec[axis]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return math.prod(sharding.mesh.shape[a] for a in axes)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

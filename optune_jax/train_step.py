@@ -1,5 +1,6 @@
 """The pure training step over preference pairs (`optune_jax.batch.PairBatch` [A, M]), and the
-reference-logp pass over rows of prompt (left-padded to `prompt_len` columns) ⊕ response.
+sequence logps it takes: of rows of prompt (left-padded to `prompt_len` columns) ⊕ response, or
+of the same responses packed (`PackedRows`, `optune_jax.packing`).
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from losses import chosen_nll, get_loss, sequence_logps
-from models import ModelConfig, forward
+from losses import chosen_nll, get_loss, packed_sequence_logps, sequence_logps
+from models import ModelConfig, forward, forward_packed
 from models.lora import LoraSpec, merge
-from optune_jax.batch import PairBatch
+from optune_jax.batch import PackedRows, PairBatch
 from optune_jax.errors import RunError
 
 
@@ -107,29 +108,76 @@ def response_logps(params, tokens_BT, attn_BT, resp_BT, *, policy: PolicySpec, p
     )
 
 
+def packed_logps(params, packed: PackedRows, *, policy: PolicySpec, num_seqs: int):
+    """Sequence logps [num_seqs] of packed responses (SPEC §1); logits only at their targets."""
+    logits = forward_packed(
+        params,
+        packed.tokens,
+        packed.pos,
+        packed.segment,
+        packed.branch,
+        packed.logit_at,
+        config=policy.config,
+        dtype=policy.dtype,
+        remat=policy.remat,
+    )
+    return packed_sequence_logps(
+        logits, packed.target, packed.seq, num_seqs, average=policy.average_logps
+    )
+
+
+def branch_logps(params, micro: PairBatch, *, policy: PolicySpec, prompt_len: int):
+    """Sequence logps [M, 2 (+ S)] of each pair's chosen and rejected (and HyPO's S samples of
+    its prompt), in one pass over rows or packed lines."""
+    m = micro.pair_mask.shape[0]
+    s = 2 + (micro.samples.ref_logps.shape[1] if micro.samples is not None else 0)
+    if micro.packed is not None:
+        return packed_logps(params, micro.packed, policy=policy, num_seqs=m * s).reshape(m, s)
+    rows = [[x.reshape(2 * m, -1)] for x in (micro.tokens, micro.attn, micro.resp)]
+    if micro.samples is not None:
+        samples = micro.samples
+        for r, x in zip(rows, (samples.tokens, samples.attn, samples.resp), strict=True):
+            r.append(x.reshape(m * (s - 2), -1))
+    tokens, attn, resp = (jnp.concatenate(r, axis=0) for r in rows)
+    logps = response_logps(params, tokens, attn, resp, policy=policy, prompt_len=prompt_len)
+    return jnp.concatenate(
+        [logps[: 2 * m].reshape(m, 2), logps[2 * m :].reshape(m, s - 2)], axis=1
+    )
+
+
+def _chosen_tokens(micro: PairBatch):
+    """float32 [M]: the chosen responses' token counts (0 for pairs that packing left out)."""
+    if micro.packed is None:
+        return micro.resp[:, 0].sum(-1).astype(jnp.float32)
+    m, s = micro.pair_mask.shape[0], micro.ref_logps.shape[1]
+    if micro.samples is not None:
+        s += micro.samples.ref_logps.shape[1]
+    seq = micro.packed.seq
+    counts = jax.ops.segment_sum((seq >= 0).astype(jnp.float32), jnp.where(seq >= 0, seq, m * s),
+                                 num_segments=m * s + 1)
+    return counts[: m * s].reshape(m, s)[:, 0]
+
+
+def pair_logps(params, micro: PairBatch, *, policy: PolicySpec, prompt_len: int):
+    """Sequence logps [M, 2] of the pairs (chosen, rejected) of a micro-batch [M]."""
+    return branch_logps(params, micro, policy=policy, prompt_len=prompt_len)[:, :2]
+
+
 def policy_loss(
     params, micro: PairBatch, *, policy: PolicySpec, loss: LossChoice, prompt_len: int
 ):
     """The configured loss on one micro-batch [M]: pairs (and HyPO's samples) in one pass."""
-    m = micro.tokens.shape[0]
     spec = get_loss(loss.name)
-    rows = [[x.reshape(2 * m, -1)] for x in (micro.tokens, micro.attn, micro.resp)]
-    if spec.needs_samples:  # S online samples per prompt for the KL term (SPEC §5)
-        samples = micro.samples
-        s = samples.tokens.shape[1]
-        for r, x in zip(rows, (samples.tokens, samples.attn, samples.resp), strict=True):
-            r.append(x.reshape(m * s, -1))
-    tokens, attn, resp = (jnp.concatenate(r, axis=0) for r in rows)
-    logps = response_logps(params, tokens, attn, resp, policy=policy, prompt_len=prompt_len)
-    logps_M2 = logps[: 2 * m].reshape(m, 2)
+    logps = branch_logps(params, micro, policy=policy, prompt_len=prompt_len)
+    logps_M2 = logps[:, :2]
     extra = {}
     if spec.needs_rewards:
         extra = dict(chosen_rewards=micro.rewards[:, 0], rejected_rewards=micro.rewards[:, 1])
     if spec.needs_samples:
         extra = dict(
-            sample_policy_logps_PS=logps[2 * m :].reshape(m, s),
-            sample_reference_logps_PS=samples.ref_logps,
-            sample_mask_P=samples.mask,
+            sample_policy_logps_PS=logps[:, 2:],
+            sample_reference_logps_PS=micro.samples.ref_logps,
+            sample_mask_P=micro.samples.mask,
         )
     value, metrics = spec.fn(
         logps_M2[:, 0],
@@ -141,7 +189,7 @@ def policy_loss(
         **dict(loss.hyperparams),
     )
     if loss.rpo_alpha:  # RPO (Pang et al. 2024, Eq. 2): + α · NLL(y_w) / |y_w|
-        tokens = micro.resp[:, 0].sum(-1).astype(jnp.float32)
+        tokens = _chosen_tokens(micro)
         if policy.average_logps:  # the logps are per-token means already
             tokens = jnp.ones_like(tokens)
         nll = chosen_nll(logps_M2[:, 0], tokens, mask=micro.pair_mask)
@@ -175,22 +223,19 @@ def accumulated_step(state: TrainState, batch, loss_fn, *, optimizer):
     share_A = counts_A / jnp.maximum(jnp.sum(counts_A), 1.0)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def accumulate(carry, xs):
-        grads, metrics = carry
-        micro, share = xs
+    def weighted(micro, share):
         (value, m), g = grad_fn(state.params, micro)
-        grads = jax.tree.map(lambda a, b: a + share * b, grads, g)
         m = {**m, "loss": value}
-        metrics = {k: metrics[k] + share * m[k] for k in metrics}
-        return (grads, metrics), None
+        return jax.tree.map(lambda x: share * x, g), jax.tree.map(lambda x: share * x, m)
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    first = jax.tree.map(lambda x: x[0], batch)
-    metric_zeros = jax.tree.map(
-        jnp.zeros_like,
-        jax.eval_shape(lambda: {**grad_fn(state.params, first)[0][1], "loss": jnp.zeros(())}),
-    )
-    (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, metric_zeros), (batch, share_A))
+    def accumulate(carry, xs):
+        g, m = weighted(*xs)
+        return jax.tree.map(jnp.add, carry, (g, m)), None
+
+    # the first micro-batch starts the sums (no zero-filled copy of the parameters)
+    first = jax.tree.map(lambda x: x[0], (batch, share_A))
+    rest = jax.tree.map(lambda x: x[1:], (batch, share_A))
+    (grads, metrics), _ = jax.lax.scan(accumulate, weighted(*first), rest)
     metrics["num_pairs"] = jnp.sum(counts_A)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

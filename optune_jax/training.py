@@ -9,6 +9,7 @@ import numpy as np
 
 from optune_jax import sharding
 from optune_jax.batch import PairBatch, micro_batches
+from optune_jax.packing import key_cost, pack_batch
 from optune_jax.steps import run_steps
 from optune_jax.train_step import LossChoice, NonFiniteGuard, PolicySpec, train_step
 
@@ -33,6 +34,15 @@ class PolicyTrainer:
         self.cfg, self.progress = cfg, progress
         t = cfg.train
         self.batch_sharding = sharding.batch_sharding(mesh, rules, t.micro_batch_size, axis=1)
+        self.pack = None  # train.pack: lines split like the pairs, W a multiple of the split
+        if t.pack:
+            self.pack = functools.partial(
+                pack_batch,
+                prompt_len=cfg.data.max_prompt_tokens,
+                shards=sharding.split_count(self.batch_sharding, 1),
+                key_cost=key_cost(spec.config),
+                compiled=set(),  # the step's (lines, width) shapes so far
+            )
         self.step = sharding.jit_train_step(
             functools.partial(
                 train_step,
@@ -49,13 +59,26 @@ class PolicyTrainer:
             frozen_shardings=frozen_shardings if lora else None,
         )
 
+    def _prepare(self, before_step):
+        """`run_steps`' before_step: the hook's samples added, then the rows packed."""
+        if self.pack is None:
+            return before_step
+
+        def prepare(idx, batch, state, n):
+            if before_step is not None:
+                batch = before_step(idx, batch, state, n)
+            return self.pack(batch)
+
+        return prepare
+
     def steps_per_iteration(self, pairs: int) -> int:
         return self.cfg.train.epochs * math.ceil(pairs / self.cfg.train.batch_size)
 
     def train(self, state, batch: PairBatch, t: int, *, guard: NonFiniteGuard, frozen=None,
               before_step=None):
         """(state, metrics) after `train.epochs` passes over the host batch [Q] in a seeded
-        order per epoch; `before_step`: HyPO's online-sample hook."""
+        order per epoch; `before_step`: HyPO's online-sample hook. Each step's batch is packed
+        (after the hook) with `train.pack`."""
         cfg = self.cfg.train
         k = len(batch.pair_mask)
 
@@ -77,7 +100,7 @@ class PolicyTrainer:
             total=self.steps_per_iteration(k),
             desc=f"iter {t} train",
             progress=self.progress,
-            before_step=before_step,
+            before_step=self._prepare(before_step),
         )
         out = sums.means()
         # the first step of a phase: with reference π_t, margins (and the KL) are exactly 0
