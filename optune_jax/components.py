@@ -80,7 +80,8 @@ def build_mesh(m: MeshSection, devices=None):
 
 
 def build_optimizer(t: TrainSection, total_steps: int) -> optax.GradientTransformation:
-    """The `train` section's optimizer and schedule over `total_steps`."""
+    """The `train` section's optimizer and schedule over a run of `total_steps` updates:
+    decaying to 0 after the warm-up with `train.schedule: per_iteration` (TRL's), else constant."""
     return make_optimizer(
         name=t.optimizer,
         learning_rate=t.learning_rate,
@@ -88,6 +89,7 @@ def build_optimizer(t: TrainSection, total_steps: int) -> optax.GradientTransfor
         warmup_ratio=t.warmup_ratio,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
+        decay=t.schedule == "per_iteration",
     )
 
 

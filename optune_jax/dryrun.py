@@ -154,9 +154,9 @@ def plan(cfg, devices) -> Plan:
     train = step.lower(state, batch, frozen).compile().memory_analysis()
     train_s = time.perf_counter() - start
 
-    # the sampler: one generate call of sampling.batch_size prompts, 2 samples each
-    b = s.batch_size
-    opts = SamplingOptions(max_new_tokens=s.max_new_tokens, eos_ids=(0,), pad_id=0, num_samples=2)
+    # the sampler: one generate call of sampling.batch_size prompts, num_samples each
+    b, n = s.batch_size, s.num_samples
+    opts = SamplingOptions(max_new_tokens=s.max_new_tokens, eos_ids=(0,), pad_id=0, num_samples=n)
     split = sharding.batch_sharding(mesh, rules, b)
     prompt = jax.ShapeDtypeStruct((b, p_len), np.int32, sharding=split)
     ids = jax.ShapeDtypeStruct((b,), np.int32, sharding=split)
@@ -168,7 +168,7 @@ def plan(cfg, devices) -> Plan:
     sample = lowered.compile().memory_analysis()
     sample_s = time.perf_counter() - start
 
-    rows, slots = 2 * b, cache_slots(config, p_len + s.max_new_tokens)
+    rows, slots = n * b, cache_slots(config, p_len + s.max_new_tokens)
     shape = (rows, config.num_key_value_heads, slots, config.head_dim)  # one layer's keys
     layer_cache = jax.ShapeDtypeStruct(
         shape,
@@ -187,7 +187,7 @@ def plan(cfg, devices) -> Plan:
         f"train step: {t.batch_size} pairs = {a} micro-batches x {mb}, "
         f"{p_len + s.max_new_tokens} tokens a row, micro-batch split "
         f"{jax.tree.leaves(batch)[0].sharding.spec}; compiled in {train_s:.0f}s",
-        f"sampler: {b} prompts x 2 samples, {p_len} + {s.max_new_tokens} tokens, prompts split "
+        f"sampler: {b} prompts x {n} samples, {p_len} + {s.max_new_tokens} tokens, prompts split "
         f"{split.spec}; compiled in {sample_s:.0f}s",
     )
     trainable = per_device(state.params)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from optune_jax import drift
-from optune_jax.generate import Generator
+from optune_jax.generate import EXACT, Generator, is_exact
 from optune_jax.pairs import layout
 from optune_jax.reference import ReferenceLogps
 from optune_jax.scoring import ResponseScorer
@@ -62,12 +62,9 @@ class Evaluator:
         }
         if not e.drift:
             return rewards, record
-        exact = s.temperature == 1.0 and s.top_p == 1.0 and not s.top_k
         samples = gen
-        if not (exact or initial):  # an unbiased KL estimate needs untruncated samples of π_t
-            samples = draw(
-                desc="evaluate: KL samples", iteration=1, top_p=1.0, top_k=0, temperature=1.0
-            )
+        if not (is_exact(s) or initial):  # an unbiased KL estimate needs exact samples of π_t
+            samples = draw(desc="evaluate: KL samples", iteration=1, **EXACT)
         greedy = draw(desc="evaluate: greedy", greedy=True)
         rows = layout(  # samples and greedy answers side by side: one π_0 pass for both
             self.prompts,

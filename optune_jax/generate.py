@@ -11,6 +11,15 @@ from tqdm.auto import tqdm
 from optune_jax import distributed, sharding
 from sampling import Generation, SamplingOptions, sample_prompts
 
+# draws of π_θ itself, whatever `sampling.*` says: the KL estimators are unbiased only for these
+# (SPEC §5, §6)
+EXACT = dict(temperature=1.0, top_p=1.0, top_k=0)
+
+
+def is_exact(s) -> bool:
+    """True when the `sampling` section's settings draw exactly from the policy."""
+    return all(getattr(s, k) == v for k, v in EXACT.items())
+
 
 @dataclasses.dataclass
 class Generator:

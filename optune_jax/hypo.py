@@ -1,5 +1,5 @@
-"""HyPO's online samples (SPEC §5): a per-step hook that draws S samples per prompt of the
-step's pairs from the current policy and scores them under the reference."""
+"""HyPO's online samples (SPEC §5): a per-step hook that draws S exact samples per prompt of the
+step's pairs from the current policy (temperature 1, no truncation) and scores them under π_0."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from optune_jax.batch import OnlineSamples, PairBatch
-from optune_jax.generate import Generator
+from optune_jax.generate import EXACT, Generator
 from optune_jax.pairs import layout
 from optune_jax.prompts import PromptSet
 from optune_jax.reference import ReferenceLogps
@@ -57,6 +57,7 @@ class OnlineSampleHook:
             num_samples=s,
             desc=f"iter {self.t} online samples",
             prefix=self.prompts.prefix,
+            **EXACT,  # exact draws of π_θ whatever `sampling.*` says (SPEC §5)
         )
         rows = layout(
             prompts,

@@ -17,14 +17,15 @@ import numpy as np
 from losses import get_loss
 from models import export_hf_checkpoint
 from models.lora import init_lora, lora_logical_axes, merge
-from optune_jax import distributed, prompts, selection, sharding
+from optune_jax import distributed, prompts, reward_history, selection, sharding
 from optune_jax import rewards as rewards_lib
 from optune_jax.components import build_mesh, build_optimizer, load_policy, lora_spec
 from optune_jax.evaluate import Evaluator
 from optune_jax.generate import Generator
 from optune_jax.hypo import OnlineSampleHook
+from optune_jax.metrics_log import MetricsLog
 from optune_jax.pair_source import make_source, pairs_from_file
-from optune_jax.reference import ReferenceLogps
+from optune_jax.reference import ReferenceLogps, behavior_logps
 from optune_jax.runner import Runner
 from optune_jax.scoring import ResponseScorer
 from optune_jax.train_step import LossChoice, NonFiniteGuard, PolicySpec
@@ -82,7 +83,9 @@ class OptuneRun(Runner):
                           cfg.loss.average_logps)
         t = cfg.train
         steps = t.epochs * -(-len(self.train_prompts.ids) // t.batch_size)
-        optimizer = build_optimizer(t, steps * cfg.optune.iterations)
+        # per_iteration: a run per iteration, the trainer restarting it over the steps it takes
+        continuous = t.schedule == "continuous"
+        optimizer = build_optimizer(t, steps * cfg.optune.iterations if continuous else steps)
         self.lora, self.frozen, trainable = lora_spec(cfg.lora), None, params
         if self.lora:  # adapters train; the base weights stay frozen (and are π_0)
             self.frozen = params
@@ -105,6 +108,9 @@ class OptuneRun(Runner):
         self.generate = Generator(cfg, self.policy, self.mesh, self.rules, progress)
         self.score = ResponseScorer(cfg.reward.name, tokenizer, reward_fn)
         self.source = make_source(cfg, self.policy, self.train_prompts, self.generate, self.score)
+        # reference: behavior, the logps [P, 2] (chosen, rejected) of each prompt's pair under
+        # the policy that generated it, kept with the pair
+        self.behavior_ref = np.full((len(self.train_prompts.ids), 2), np.nan, np.float32)
         self.reference = ReferenceLogps(
             spec,
             prompt_len=cfg.data.max_prompt_tokens,
@@ -127,6 +133,11 @@ class OptuneRun(Runner):
         )
         self._open(steps=cfg.optune.iterations, resume=resume, overwrite=overwrite,
                    progress=progress)
+        # per-prompt rewards of each iteration (none for pairs from a file): written before the
+        # checkpoint like metrics.jsonl, and trimmed to the restored checkpoint the same way
+        self.history = None if from_file else MetricsLog(
+            self.out, resume_after=self.next_step - 1, name=reward_history.FILE, tensorboard=False
+        )
         self.trainer = PolicyTrainer(
             cfg,
             optimizer=optimizer,
@@ -155,6 +166,7 @@ class OptuneRun(Runner):
             rewards=p.rewards_P2,
             iteration=p.iteration_P,
             initial_eval=self.initial_eval,
+            behavior_ref=self.behavior_ref,
         )
 
     def _restored(self, host: dict, meta: dict) -> None:
@@ -163,6 +175,7 @@ class OptuneRun(Runner):
             self.policy.pad_id,
         )
         self.initial_eval = np.asarray(host["initial_eval"])
+        self.behavior_ref = np.array(host["behavior_ref"])
         self.totals = meta["totals"]
 
     def _meta(self) -> dict:
@@ -189,8 +202,14 @@ class OptuneRun(Runner):
         # 7a. reference logps of every pair, new and kept, in one pass (SPEC §3)
         start = clock()
         ref_params = self.initial_params if cfg.optune.reference == "initial" else pi_t
-        batch = batch.replace(ref_logps=self.reference(ref_params, batch.tokens, batch.attn,
-                                                       batch.resp))
+        if cfg.optune.reference == "behavior":  # only the new pairs: kept ones keep theirs
+            new_Q = self.source.pool.iteration_P[prompt_idx] == t
+            ref_Q2 = behavior_logps(self.reference, pi_t, batch, new_Q,
+                                    self.behavior_ref[prompt_idx])
+            self.behavior_ref[prompt_idx] = ref_Q2
+        else:
+            ref_Q2 = self.reference(ref_params, batch.tokens, batch.attn, batch.resp)
+        batch = batch.replace(ref_logps=ref_Q2)
         timers["reference"] = clock() - start
         # 7b. epochs of the loss over D_t (HyPO draws its online samples before its steps)
         start = clock()
@@ -215,6 +234,8 @@ class OptuneRun(Runner):
         start = clock()
         eval_rewards, eval_record = self.evaluate(self.policy_params())
         timers["evaluation"] = clock() - start
+        if self.history is not None:  # D_t's rewards per prompt, before the metrics line
+            self.history.write(reward_history.record(self.source.pool, t))
         return {
             **record,
             **{f"seconds.{k}": v for k, v in timers.items()},
@@ -237,6 +258,11 @@ class OptuneRun(Runner):
 
     def _write_model(self, params, path) -> None:
         export_hf_checkpoint(params, self.policy.config, path, tokenizer=self.policy.tokenizer)
+
+    def close(self) -> None:
+        if self.history is not None:
+            self.history.close()
+        super().close()
 
     def describe_data(self) -> str:
         return prompts.describe(self.train_prompts, self.eval_prompts, self.cfg.data)

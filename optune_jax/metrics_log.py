@@ -64,11 +64,15 @@ class MetricsLog:
     rest (they are computed again), a torn last line included; the initial evaluation's line
     (iteration -1) goes with iteration 0, so `resume_after=-1` (no checkpoint) keeps nothing
     and no iteration is ever written twice. None: keep the file as it is.
+    `name`, `tensorboard`: another log of the same kind (e.g. the per-prompt reward history,
+    `reward_history.FILE`), with the same resume rule and without the TensorBoard copy.
     """
 
-    def __init__(self, directory: str | Path, *, resume_after: int | None = None):
+    def __init__(self, directory: str | Path, *, resume_after: int | None = None,
+                 name: str = "metrics.jsonl", tensorboard: bool = True):
         self.enabled = jax.process_index() == 0
-        self.path = Path(directory) / "metrics.jsonl"
+        self.path = Path(directory) / name
+        self._tb = None
         if not self.enabled:
             return
         try:
@@ -79,6 +83,8 @@ class MetricsLog:
                 tmp = self.path.with_suffix(".tmp")
                 tmp.write_text("".join(self._line(r) for r in kept))
                 tmp.replace(self.path)
+            if not tensorboard:
+                return
             from tensorboardX import SummaryWriter
 
             # TensorBoard drops the events an earlier run wrote at steps from `purge_step` on
@@ -100,6 +106,8 @@ class MetricsLog:
         try:
             with self.path.open("a") as f:
                 f.write(line)
+            if self._tb is None:
+                return
             step = record["iteration"]
             for key, value in record.items():
                 if (
@@ -119,5 +127,5 @@ class MetricsLog:
         return read_records(self.path)[0]
 
     def close(self) -> None:
-        if self.enabled:
+        if self._tb is not None:
             self._tb.close()

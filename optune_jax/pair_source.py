@@ -1,7 +1,8 @@
 """Where each iteration's pairs come from: the one place `run.mode` is read.
 
 - `SampledPairs(every_iteration=True)`: OPTune (SPEC §4 steps 1-6): select the fraction ρ of
-  prompts, sample two responses each from π_t, reward them, keep the rest from the pool.
+  prompts, sample `sampling.num_samples` responses each from π_t, reward them, pair the best
+  with the worst, keep the rest from the pool.
 - `SampledPairs(every_iteration=False)`: offline DPO / HyPO without a pair file: D_0 sampled
   from π_0 once, then trained on as it is.
 - `FilePairs`: offline DPO / HyPO on `data.offline_files` (chosen 1.0, rejected 0.0 reward).
@@ -34,16 +35,28 @@ _FITS = {  # which losses each mode can feed: (needs samples, needs rewards, rew
 
 def pairs_from_file(cfg) -> bool:
     """True when the run's pairs are read from `data.offline_files`; RunError (one line) when
-    `loss.name` does not fit `run.mode`."""
+    `loss.name` does not fit `run.mode`, or `optune.reference` or `sampling.num_samples`
+    does not fit them."""
     rewarded = not cfg.data.offline_files  # pairs from a file carry no rewards
     fits = functools.partial(_FITS[cfg.run.mode], rewarded=rewarded)
-    if not fits(get_loss(cfg.loss.name)):
+    loss, reference = get_loss(cfg.loss.name), cfg.optune.reference
+    if not fits(loss):
         ok = [name for name, s in LOSSES.items() if fits(s)]
         raise RunError(
             f"loss.name={cfg.loss.name} does not fit run.mode={cfg.run.mode}; "
             f"allowed: {', '.join(ok)}"
         )
-    return cfg.run.mode != "optune" and bool(cfg.data.offline_files)
+    from_file = cfg.run.mode != "optune" and bool(cfg.data.offline_files)
+    if loss.needs_samples and reference != "initial":  # HyPO's KL is to π_0 (SPEC §5)
+        raise RunError(f"optune.reference={reference} does not fit loss.name={cfg.loss.name}: "
+                       "its KL term is to the initial policy; allowed: initial")
+    if from_file and reference == "behavior":
+        raise RunError("optune.reference=behavior needs the policy that generated each pair; "
+                       "pairs from data.offline_files have none known; allowed: current, initial")
+    if from_file and cfg.sampling.num_samples != 2:  # nothing is sampled to choose among
+        raise RunError(f"sampling.num_samples={cfg.sampling.num_samples} has no effect on pairs "
+                       "from data.offline_files; allowed: 2")
+    return from_file
 
 
 def make_source(cfg, policy, prompts: PromptSet, generate: Generator, score: ResponseScorer):
@@ -120,7 +133,8 @@ class SampledPairs(PairSource):
             idx = selection.select(
                 self.pool, o.rho, selection=o.selection, rank_key=o.rank_key, rng=rng
             )
-        # 2. sample two responses per selected prompt from π_t
+        # 2. sample S responses per selected prompt from π_t
+        s = cfg.sampling.num_samples
         start = clock()
         gen = self.generate(
             pi_t,
@@ -128,21 +142,23 @@ class SampledPairs(PairSource):
             idx,
             seed=cfg.run.seed,
             iteration=t,
-            num_samples=2,
+            num_samples=s,
             desc=f"iter {t} generate",
             prefix=self.prompts.prefix,
         )
         timers["generation"] = clock() - start
         # 3. reward the new responses
         start = clock()
-        new_rewards = np.zeros((0, 2), np.float32)
+        new_rewards = np.zeros((0, s), np.float32)
         if len(idx):
             new_rewards = self.score([self.prompts.rows[i] for i in idx], gen.tokens, gen.lengths)
             # TRL's missing_eos_penalty: a response cut at the budget loses this much reward
             new_rewards -= cfg.reward.missing_eos_penalty * ~gen.finished
         timers["reward"] = clock() - start
-        # 4-6. assemble D_t, choose winners, drop ties; the pool's rewards are the next ranking
-        self.pool = selection.update_pool(self.pool, idx, gen.tokens, gen.lengths, new_rewards, t)
+        # 4-6. the best against the worst of the S (S = 2: the pair as drawn), assemble D_t,
+        # choose winners, drop ties; the pool's rewards are the next ranking
+        kept = selection.best_and_worst(gen.tokens, gen.lengths, new_rewards)
+        self.pool = selection.update_pool(self.pool, idx, *kept, t)
         pairs = selection.build_pairs(self.pool, t)
         batch, prompt_idx = pair_batch(
             self.prompts.ids,
@@ -154,7 +170,7 @@ class SampledPairs(PairSource):
         )
         record = {
             "prompts_regenerated": len(idx),
-            "responses_generated": 2 * len(idx),
+            "responses_generated": s * len(idx),
             "tokens_generated": gen.tokens_generated,
             "pairs": len(pairs.prompt_idx_Q),
             "pairs_dropped_ties": pairs.num_ties,
@@ -162,5 +178,9 @@ class SampledPairs(PairSource):
             "reward_new": pairs.mean_reward_new,
             "reward_kept": pairs.mean_reward_kept,
             "responses_finished": float(np.mean(gen.finished)) if len(idx) else float("nan"),
+            # mean over the new prompts of max - min of their S rewards: what S buys
+            "reward_spread_new": float(np.mean(np.ptp(new_rewards, axis=1), dtype=np.float64))
+            if len(idx)
+            else float("nan"),
         }
         return batch, prompt_idx, record

@@ -9,6 +9,8 @@ import jax
 import numpy as np
 
 from optune_jax import distributed, sharding
+from optune_jax.batch import PairBatch
+from optune_jax.errors import RunError
 from optune_jax.packing import key_cost, pack_rows
 from optune_jax.train_step import PolicySpec, packed_logps, response_logps
 
@@ -86,3 +88,18 @@ class ReferenceLogps:
             logps = np.asarray(fn(params, packed, num_seqs=prompts * s))
             out[start : start + m] = logps.reshape(prompts, s)[:m]
         return out
+
+
+def behavior_logps(reference: ReferenceLogps, params, batch: PairBatch, new_Q: np.ndarray,
+                   kept_Q2: np.ndarray) -> np.ndarray:
+    """BPO's behavior reference (SPEC §3, `optune.reference: behavior`): reference logps [Q, 2]
+    of the new pairs (`new_Q`) under `params` (π_t, which generated them), the kept pairs'
+    `kept_Q2` (logps under the policy π_t' that generated them, from iteration t')."""
+    out = np.array(kept_Q2, np.float32)
+    if new_Q.any():
+        out[new_Q] = reference(params, *(x[new_Q] for x in (batch.tokens, batch.attn, batch.resp)))
+    if not np.isfinite(out).all():
+        q = int(np.argmax(~np.isfinite(out).all(axis=1)))
+        raise RunError(f"pair {q} was kept without reference logps from the iteration that "
+                       "generated it (optune.reference=behavior)")
+    return out

@@ -95,6 +95,8 @@ class SamplingSection:
     share_prefix: bool = True
     # a batch's prompts prefilled packed into fewer, longer lines when that saves padding
     pack_prompts: bool = True
+    # responses drawn per selected prompt; the pair is the best against the worst by reward
+    num_samples: int = option(2, range="[2, inf)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +105,9 @@ class OptuneSection:
     rho: float = option(0.5, range="(0, 1]")  # fraction of prompts regenerated per iteration
     selection: str = option("reward", choices=("reward", "random"))  # lowest-reward or Rdm_ρ
     rank_key: str = option("chosen", choices=("chosen", "mean", "rejected"))  # SPEC §4 step 1
-    reference: str = option("behavior", choices=("behavior", "initial"))  # π_t or π_0 (SPEC §3)
+    # reference policy of a pair (SPEC §3): current π_t (OPTune Eq. 5), behavior π_t' (the
+    # policy that generated the pair, BPO), initial π_0
+    reference: str = option("current", choices=("current", "behavior", "initial"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +134,11 @@ class LossSection:
 class TrainSection:
     optimizer: str = option("rmsprop", choices=("rmsprop", "adamw"))
     learning_rate: float = option(5e-7, range=POSITIVE)
-    warmup_ratio: float = option(0.1, range="[0, 1)")  # linear warm-up, fraction of all steps
+    warmup_ratio: float = option(0.1, range="[0, 1)")  # linear warm-up, fraction of the steps
+    # per_iteration: each iteration its own run (warm-up, linear decay to 0, fresh optimizer
+    # state; the paper's TRL runs); continuous: warm-up over all iterations' steps, then constant.
+    # The reward-model trainer is one run: per_iteration decays over all its epochs (TRL's)
+    schedule: str = option("per_iteration", choices=("per_iteration", "continuous"))
     weight_decay: float = option(0.0, range=NON_NEGATIVE)
     max_grad_norm: float | None = option(1.0, range=POSITIVE)  # None: no clipping
     epochs: int = option(1, range=POSITIVE)  # over D_t, per iteration

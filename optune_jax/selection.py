@@ -8,7 +8,8 @@ return a new pool whose arrays are read-only.
 One iteration on the host:
 
     idx_N = select(pool, rho, selection="reward", rank_key="chosen", rng=rng)  # SPEC §4 step 1
-    ... sample two responses per selected prompt, score them ...              # steps 2-3
+    ... sample S >= 2 responses per selected prompt, score them ...           # steps 2-3
+    tokens_N2Y, lengths_N2, rewards_N2 = best_and_worst(tokens_NSY, lengths_NS, rewards_NS)
     pool = update_pool(pool, idx_N, tokens_N2Y, lengths_N2, rewards_N2, t)   # step 4
     pairs = build_pairs(pool, t)                                              # steps 5-6
 """
@@ -201,6 +202,40 @@ def select(
     if selection == "random":
         return select_random(pool.num_prompts, rho, rng)
     return select_lowest(ranking_keys(pool.rewards_P2, rank_key), rho, rng)
+
+
+def best_and_worst(
+    tokens_NSY: np.ndarray, lengths_NS: np.ndarray, rewards_NS: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pair each prompt keeps of its S >= 2 sampled responses: the highest reward against
+    the lowest (online DPO's best-vs-worst), both in sample order, so S = 2 returns its input.
+
+    Among equal rewards the earliest sample wins; the worst is the lowest of the other S - 1,
+    so a prompt whose S rewards are all equal keeps samples 0 and 1 (a tie `build_pairs` drops).
+
+    Args:
+      tokens_NSY: int32 token ids of the S responses to each of N prompts.
+      lengths_NS: their lengths.
+      rewards_NS: their finite rewards.
+
+    Returns:
+      (tokens_N2Y, lengths_N2, rewards_N2) of the two kept responses.
+    """
+    n, s = np.shape(rewards_NS)
+    _check_shape("best_and_worst", "lengths_NS", lengths_NS, (n, s))
+    _check_shape("best_and_worst", "tokens_NSY", tokens_NSY, (n, s, np.shape(tokens_NSY)[-1]))
+    if s < 2:
+        raise ValueError(f"best_and_worst: needs at least 2 samples per prompt, got {s}")
+    if not np.isfinite(rewards_NS).all():
+        raise ValueError("best_and_worst: rewards_NS has a NaN or infinite reward")
+    rows_N = np.arange(n)
+    best_N = np.argmax(rewards_NS, axis=1)  # argmax/argmin return the first of equal values
+    others_NS = rewards_NS.astype(np.float64)  # the best excluded from the worst's candidates
+    others_NS[rows_N, best_N] = np.inf
+    worst_N = np.argmin(others_NS, axis=1)
+    keep_N2 = np.sort(np.stack([best_N, worst_N], axis=1), axis=1)
+    rows_N1 = rows_N[:, None]
+    return tokens_NSY[rows_N1, keep_N2], lengths_NS[rows_N1, keep_N2], rewards_NS[rows_N1, keep_N2]
 
 
 def update_pool(

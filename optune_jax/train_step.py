@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +57,44 @@ class TrainState:
     opt_state: Any
 
 
+class ScheduleState(NamedTuple):
+    """Where the learning-rate schedule stands: `count` updates into a run of `run_steps`
+    updates whose first `run_warmup` warm up (a restart sets the last two, `fresh_opt_state`)."""
+
+    count: jax.Array
+    run_steps: jax.Array
+    run_warmup: jax.Array
+
+
+def warmup_steps(warmup_ratio: float, steps: int) -> int:
+    """TRL's warm-up length of a run of `steps` updates (transformers' `get_warmup_steps`)."""
+    return math.ceil(warmup_ratio * steps)
+
+
+def scale_by_linear_schedule(
+    learning_rate: float, *, steps: int, warmup_ratio: float, decay: bool
+) -> optax.GradientTransformation:
+    """Updates times -learning_rate × the factor of transformers'
+    `get_linear_schedule_with_warmup` at update c of a run of N updates, W warming up:
+    c / W while c < W (0 at the first update), then (N - c) / (N - W) down to 0 (`decay`) or 1.
+    N and W live in the state, so a restart over another N needs no new program."""
+
+    def init(params):
+        del params
+        n, w = (jnp.asarray(x, jnp.int32) for x in (steps, warmup_steps(warmup_ratio, steps)))
+        return ScheduleState(jnp.zeros((), jnp.int32), n, w)
+
+    def update(updates, state, params=None):
+        del params
+        c, n, w = (x.astype(jnp.float32) for x in state)
+        after = jnp.maximum(n - c, 0.0) / jnp.maximum(n - w, 1.0) if decay else 1.0
+        rate = -learning_rate * jnp.where(c < w, c / jnp.maximum(w, 1.0), after)
+        updates = jax.tree.map(lambda u: jnp.asarray(rate, u.dtype) * u, updates)
+        return updates, state._replace(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(
     *,
     name: str,
@@ -65,31 +103,35 @@ def make_optimizer(
     warmup_ratio: float,
     weight_decay: float,
     max_grad_norm: float | None,
+    decay: bool = False,
 ) -> optax.GradientTransformation:
-    """RMSProp (the paper, App. C) or AdamW, linear warmup then constant, global-norm clipping."""
-    warmup = int(round(warmup_ratio * total_steps))
-    schedule = (
-        optax.join_schedules(
-            [
-                optax.linear_schedule(0.0, learning_rate, max(warmup, 1)),
-                optax.constant_schedule(learning_rate),
-            ],
-            [warmup],
-        )
-        if warmup > 0
-        else optax.constant_schedule(learning_rate)
+    """Global-norm clipping, then PyTorch's `torch.optim.RMSprop` defaults as TRL trains with
+    them (SPEC §7: alpha 0.99, eps 1e-8 outside the square root, weight decay added to the
+    gradient) or `torch.optim.AdamW`'s, over the linear schedule of a run of `total_steps`
+    updates (`scale_by_linear_schedule`; `decay`: down to 0 after the warm-up, else constant)."""
+    schedule = scale_by_linear_schedule(
+        learning_rate, steps=total_steps, warmup_ratio=warmup_ratio, decay=decay
     )
     if name == "rmsprop":
-        opt = optax.rmsprop(schedule, decay=0.9, eps=1e-8)
-        if weight_decay:
-            opt = optax.chain(optax.add_decayed_weights(weight_decay), opt)
-    elif name == "adamw":
-        opt = optax.adamw(schedule, weight_decay=weight_decay)
+        parts = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
+        parts.append(optax.scale_by_rms(decay=0.99, eps=1e-8, eps_in_sqrt=False))
+    elif name == "adamw":  # decoupled weight decay, scaled by the schedule like the step
+        parts = [optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)]
+        parts += [optax.add_decayed_weights(weight_decay)] if weight_decay else []
     else:
         raise ValueError(f"unknown optimizer {name!r}; known: rmsprop, adamw")
-    if max_grad_norm is not None:
-        opt = optax.chain(optax.clip_by_global_norm(max_grad_norm), opt)
-    return opt
+    clip = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm is not None else []
+    return optax.chain(*clip, *parts, schedule)
+
+
+def fresh_opt_state(optimizer: optax.GradientTransformation, params, steps, warmup):
+    """The optimizer state a new run starts from (zero moments, the schedule at its first
+    update) over `steps` updates of which `warmup` warm up (`warmup_steps`)."""
+    return optax.tree_utils.tree_set(
+        optimizer.init(params),
+        run_steps=jnp.asarray(steps, jnp.int32),
+        run_warmup=jnp.asarray(warmup, jnp.int32),
+    )
 
 
 def response_logps(params, tokens_BT, attn_BT, resp_BT, *, policy: PolicySpec, prompt_len: int):

@@ -5,13 +5,21 @@ from __future__ import annotations
 import functools
 import math
 
+import jax
 import numpy as np
 
 from optune_jax import sharding
 from optune_jax.batch import PairBatch, micro_batches
 from optune_jax.packing import key_cost, pack_batch
 from optune_jax.steps import run_steps
-from optune_jax.train_step import LossChoice, NonFiniteGuard, PolicySpec, train_step
+from optune_jax.train_step import (
+    LossChoice,
+    NonFiniteGuard,
+    PolicySpec,
+    fresh_opt_state,
+    train_step,
+    warmup_steps,
+)
 
 
 class PolicyTrainer:
@@ -58,6 +66,15 @@ class PolicyTrainer:
             batch_sharding=self.batch_sharding,
             frozen_shardings=frozen_shardings if lora else None,
         )
+        # `train.schedule: per_iteration`: each iteration starts a new run (SPEC §7), its
+        # optimizer state created in place of the old one, in the same shards
+        self.restart = jax.jit(
+            lambda state, steps, warmup: state.replace(
+                opt_state=fresh_opt_state(optimizer, state.params, steps, warmup)
+            ),
+            out_shardings=state_shardings,
+            donate_argnums=0,
+        )
 
     def _prepare(self, before_step):
         """`run_steps`' before_step: the hook's samples added, then the rows packed."""
@@ -78,9 +95,13 @@ class PolicyTrainer:
               before_step=None):
         """(state, metrics) after `train.epochs` passes over the host batch [Q] in a seeded
         order per epoch; `before_step`: HyPO's online-sample hook. Each step's batch is packed
-        (after the hook) with `train.pack`."""
+        (after the hook) with `train.pack`. With `train.schedule: per_iteration` the optimizer
+        state starts afresh, its schedule over this iteration's steps: a run of its own."""
         cfg = self.cfg.train
         k = len(batch.pair_mask)
+        if cfg.schedule == "per_iteration":
+            n = self.steps_per_iteration(k)
+            state = self.restart(state, n, warmup_steps(cfg.warmup_ratio, n))
 
         def stream():
             for epoch in range(cfg.epochs):

@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from optune_jax import train
+from optune_jax import reward_history, train
 from optune_jax.checkpoint import Checkpoints
 from optune_jax.config import load_config
 from optune_jax.errors import RunError
@@ -109,7 +109,7 @@ def _resumes_to(want, cfg, next_iteration: int) -> list[dict]:
 def test_a_run_killed_mid_iteration_resumes_to_the_same_parameters(
     uninterrupted, tmp_path, monkeypatch
 ):
-    want, _ = uninterrupted
+    want, whole = uninterrupted
     cfg = micro_config(tmp_path / "b")
     killed = OptuneRun(cfg, progress=False)
     real_train = PolicyTrainer.train
@@ -126,6 +126,8 @@ def test_a_run_killed_mid_iteration_resumes_to_the_same_parameters(
     monkeypatch.setattr(PolicyTrainer, "train", real_train)
     records = _resumes_to(want, cfg, next_iteration=1)
     assert [r["iteration"] for r in records] == [-1, 0, 1]
+    history = reward_history.FILE  # per-prompt rewards, line for line the uninterrupted run's
+    assert (tmp_path / "b" / "run" / history).read_text() == (whole / history).read_text()
 
 
 def test_reference_initial_keeps_pi0_logps(tmp_path):
@@ -137,6 +139,42 @@ def test_reference_initial_keeps_pi0_logps(tmp_path):
     records = run.run()
     run.close()
     assert records[-1]["train.loss"] > 0
+
+
+def test_a_tiny_run_with_four_samples_per_prompt_trains_and_accounts_correctly(tmp_path):
+    run = OptuneRun(micro_config(tmp_path, "sampling.num_samples=4", ONE_DEVICE), progress=False)
+    source, seen = run.source, []
+    generate, score = source.generate, source.score
+
+    def spy_generate(*args, **kwargs):
+        gen = generate(*args, **kwargs)
+        seen.append({"gen": gen})
+        return gen
+
+    def spy_score(rows, tokens, lengths):  # the first prompt's 4 responses tie
+        seen[-1]["score"] = score(rows, tokens, lengths)
+        seen[-1]["score"][0] = 0.5
+        return seen[-1]["score"]
+
+    source.generate, source.score = spy_generate, spy_score
+    records = run.run()[1:]
+    run.close()
+    assert [r["prompts_regenerated"] for r in records] == [16, 8]
+    for r, s in zip(records, seen, strict=True):
+        gen = s["gen"]
+        assert gen.tokens.shape[:2] == (r["prompts_regenerated"], 4)
+        assert r["responses_generated"] == 4 * r["prompts_regenerated"]
+        assert r["tokens_generated"] == int(gen.lengths.sum())  # all 4, not only the kept 2
+        assert r["pairs"] + r["pairs_dropped_ties"] == 16 and np.isfinite(r["train.loss"])
+        rewards = s["score"] - run.cfg.reward.missing_eos_penalty * ~gen.finished
+        np.testing.assert_allclose(r["reward_spread_new"], np.ptp(rewards, axis=1).mean(), 1e-6)
+    # the last iteration's prompts keep their best against their worst: the pool's chosen is
+    # the max of the 4 (what the next ranking sees), a prompt whose 4 rewards are equal a tie
+    pool, new = run.source.pool, np.flatnonzero(run.source.pool.iteration_P == 1)
+    np.testing.assert_array_equal(pool.rewards_P2[new].max(axis=1), rewards.max(axis=1))
+    np.testing.assert_array_equal(pool.rewards_P2[new].min(axis=1), rewards.min(axis=1))
+    ties = (pool.rewards_P2[:, 0] == pool.rewards_P2[:, 1]).sum()
+    assert records[-1]["pairs_dropped_ties"] == ties >= 1
 
 
 def _fails(capsys, argv, message):
@@ -221,6 +259,35 @@ def test_lora_ensemble_trains_adapters_and_exports_the_merged_model(tmp_path):
     assert records[-1]["train.loss"] > 0
 
 
+def test_reference_behavior_keeps_each_pairs_generating_policy(tmp_path):
+    """optune.reference=behavior: a kept pair keeps its logps under the policy that generated
+    it (π_0 here); only the new pairs are scored, under π_1."""
+    run = OptuneRun(micro_config(tmp_path, "optune.reference=behavior", ONE_DEVICE),
+                    progress=False)
+    scored, snapshots = [], []
+    reference, train_phase = run.reference, run.trainer.train
+
+    def spy_reference(params, tokens, *rows, **kw):
+        scored.append(len(tokens))
+        return reference(params, tokens, *rows, **kw)
+
+    def spy_train(state, batch, t, **kw):
+        snapshots.append((run.behavior_ref.copy(), batch.ref_logps.copy()))
+        return train_phase(state, batch, t, **kw)
+
+    run.reference, run.trainer.train = spy_reference, spy_train
+    records = run.run()[1:]
+    run.close()
+    pool = run.source.pool
+    kept, new = pool.iteration_P == 0, pool.iteration_P == 1
+    tie = pool.rewards_P2[:, 0] == pool.rewards_P2[:, 1]
+    assert kept.any() and new.any()
+    assert scored == [records[0]["pairs"], int((new & ~tie).sum())]  # iteration 1: new only
+    (before, _), (after, ref_1) = snapshots
+    np.testing.assert_array_equal(after[kept & ~tie], before[kept & ~tie])
+    assert np.isfinite(ref_1).all() and np.all(after[new & ~tie] != before[new & ~tie])
+
+
 def test_offline_dpo_generates_d0_once_then_never_again(tmp_path):
     run = OptuneRun(micro_config(tmp_path, "run.mode=offline", "loss.name=dpo", ONE_DEVICE),
                     progress=False)
@@ -228,21 +295,32 @@ def test_offline_dpo_generates_d0_once_then_never_again(tmp_path):
     run.close()
     assert [r["prompts_regenerated"] for r in records] == [16, 0]
     assert records[1]["reward_kept"] == records[0]["reward_new"]  # the same D_0
-    # behavior reference: at the first step of each phase the policy IS the reference (the two
+    # current reference: at the first step of each phase the policy IS the reference (the two
     # passes differ only by float32 rounding of differently batched programs)
     assert all(abs(r["train.first.margin"]) < 1e-5 for r in records)
 
 
-def test_hypo_draws_online_samples_and_its_kl_starts_at_zero(tmp_path):
+def test_hypo_draws_exact_online_samples_and_its_kl_starts_at_zero(tmp_path, monkeypatch):
     run = OptuneRun(micro_config(tmp_path, "run.mode=hypo", "loss.name=hypo", "loss.lam=0.5",
-                                 "hypo.samples_per_prompt=2"), progress=False)
+                                 "hypo.samples_per_prompt=2", "optune.reference=initial"),
+                    progress=False)
+    assert run.cfg.sampling.top_p < 1  # the pairs' settings; the KL's samples are exact
+    draws, generate = [], run.generate.__call__
+    monkeypatch.setattr(type(run.generate), "__call__", lambda self, *a, **kw: (
+        draws.append(kw), generate(*a, **kw))[1])
     records = run.run()[1:]
+    online = [kw for kw in draws if "online" in kw["desc"]]
+    assert online and all(
+        kw["temperature"] == 1.0 and kw["top_p"] == 1.0 and kw["top_k"] == 0 for kw in online)
     run.close()
     # D_0 (16 prompts) at t = 0, then only the KL's online samples: 2 steps x 8 prompts
     assert [r["prompts_regenerated"] for r in records] == [16 + 16, 16]
     assert [r["responses_generated"] for r in records] == [32 + 32, 32]
+    # the reference is π_0 (SPEC §5): the policy at the first step of iteration 0 only
+    assert abs(records[0]["train.first.kl"]) < 1e-4
+    assert abs(records[0]["train.first.margin"]) < 1e-5
+    assert abs(records[1]["train.first.kl"]) > 1e-4
     for r in records:
-        assert abs(r["train.first.kl"]) < 1e-4 and abs(r["train.first.margin"]) < 1e-5
         assert r["train.kl"] != 0.0 and np.isfinite(r["train.kl"])
     assert records[-1]["total.tokens_generated"] == sum(r["tokens_generated"] for r in records)
 
@@ -253,17 +331,24 @@ def test_offline_pairs_from_a_file(tmp_path, capsys):
              "rejected": "x y z " * 4} for i in range(16)]
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run = OptuneRun(micro_config(tmp_path, "run.mode=offline", "loss.name=dpo", ONE_DEVICE,
-                                 f"data.offline_files=[{pairs}]"), progress=False)
+                                 f"data.offline_files=[{pairs}]", "optune.reference=initial"),
+                    progress=False)
     records = run.run()[1:]
     run.close()
     assert [r["tokens_generated"] for r in records] == [0, 0]
-    assert records[-1]["train.margin"] > records[0]["train.margin"]
+    assert records[-1]["train.margin"] > records[0]["train.margin"]  # π_0's margins grow
     base = ["--config", "configs/tiny.yaml", "--set", f"run.output_dir={tmp_path / 'x'}",
             "--set", "run.mode=offline", "--set", f"data.offline_files=[{pairs}]"]
     capsys.readouterr()
     _fails(capsys, base, "loss.name=wdpo does not fit run.mode=offline; allowed: dpo, ipo, hinge")
     _fails(capsys, [*base, "--set", "loss.name=dpo", "--set", "data.chosen_column=good"],
            "no text column 'good'")
+    _fails(capsys, [*base, "--set", "loss.name=dpo", "--set", "optune.reference=behavior"],
+           "optune.reference=behavior needs the policy that generated each pair")
+    _fails(capsys, [*base, "--set", "run.mode=hypo", "--set", "loss.name=hypo"],
+           "optune.reference=current does not fit loss.name=hypo")
+    _fails(capsys, [*base, "--set", "loss.name=dpo", "--set", "sampling.num_samples=4"],
+           "sampling.num_samples=4 has no effect on pairs from data.offline_files; allowed: 2")
 
 
 class _HalfFull:
@@ -341,6 +426,10 @@ def test_a_truncated_newest_checkpoint_resumes_from_the_one_before(uninterrupted
     capsys.readouterr()
     records = _resumes_to(want, micro_config(tmp_path), next_iteration=1)
     assert [r["iteration"] for r in records] == [-1, 0, 1]
+    # the reward history is cut back to checkpoint 0 with metrics.jsonl, then iteration 1's
+    # line written again: the uninterrupted run's file
+    history = reward_history.FILE
+    assert (tmp_path / "run" / history).read_text() == (whole / history).read_text()
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"warning: checkpoint 1 is damaged: {big.relative_to(state.parent)} has "
                           "100 of its ")

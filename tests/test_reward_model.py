@@ -349,7 +349,9 @@ def test_train_rm_skips_non_finite_steps_and_stops_after_a_few(tmp_path, capsys)
     from optune_jax import train_rm
 
     config, _ = _rm_config(tmp_path, epochs=3)
-    sets = ["--set", "train.learning_rate=1e38", "--set", "train.max_skipped_steps=2"]
+    # no warm-up: its first step's learning rate would be 0, and that step finite
+    sets = ["--set", "train.learning_rate=1e38", "--set", "train.max_skipped_steps=2",
+            "--set", "train.warmup_ratio=0"]
     assert train_rm.main(["--config", str(config), "--no-progress", *sets]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: epoch 1, step 1 of 1: 2 optimizer steps in a row were skipped, "

@@ -363,3 +363,69 @@ def test_one_iteration_end_to_end():
     assert (pairs.num_ties, pairs.num_new, pairs.num_kept) == (1, 3, 7)
     assert pairs.prompt_idx_Q.tolist() == [0, 1, 2, 3, 4, 5, 6, 8, 9]
     assert math.isclose(pairs.mean_reward_new, (5 + 30.5 + 39.5) / 3)
+
+
+# ---------------------------------------------------------------- best_and_worst (n samples)
+
+# S samples per prompt with few distinct rewards, so that ties and all-equal rows are common
+samples_rows = st.integers(2, 6).flatmap(
+    lambda s: st.tuples(
+        st.just(s),
+        st.lists(st.lists(st.integers(-2, 2).map(float), min_size=s, max_size=s), max_size=12),
+    )
+)
+
+
+def _ref_best_and_worst(rewards: list[float]) -> list[int]:
+    """Sample indices kept, in sample order: the earliest highest, and the earliest lowest of
+    the others."""
+    best = min(i for i, r in enumerate(rewards) if r == max(rewards))
+    lowest = min(r for i, r in enumerate(rewards) if i != best)
+    worst = min(i for i, r in enumerate(rewards) if i != best and r == lowest)
+    return sorted([best, worst])
+
+
+@given(rows=samples_rows, seed=st.integers(0, 2**32 - 1))
+@SETTINGS
+def test_best_and_worst_matches_reference_and_counts_all_equal_as_ties(rows, seed):
+    s, rewards = rows
+    n, max_len, rng = len(rewards), 5, np.random.default_rng(seed)
+    rewards_NS = np.array(rewards, np.float32).reshape(n, s)
+    tokens_NSY = rng.integers(1, 50, (n, s, max_len)).astype(np.int32)
+    lengths_NS = rng.integers(0, max_len + 1, (n, s)).astype(np.int32)
+    tokens_N2Y, lengths_N2, rewards_N2 = selection.best_and_worst(
+        tokens_NSY, lengths_NS, rewards_NS
+    )
+    assert tokens_N2Y.shape == (n, 2, max_len) and lengths_N2.shape == rewards_N2.shape == (n, 2)
+    assert tokens_N2Y.dtype == lengths_N2.dtype == np.int32 and rewards_N2.dtype == np.float32
+    for i, row in enumerate(rewards):
+        keep = _ref_best_and_worst(row)
+        assert [float(r) for r in rewards_N2[i]] == [row[k] for k in keep]
+        assert max(rewards_N2[i]) == max(row) and min(rewards_N2[i]) == min(row)
+        assert lengths_N2[i].tolist() == [lengths_NS[i, k] for k in keep]
+        for j, k in enumerate(keep):
+            assert tokens_N2Y[i, j].tobytes() == tokens_NSY[i, k].tobytes()
+        if s == 2:  # the pair as drawn: a run with num_samples 2 is what it was
+            assert keep == [0, 1]
+    # SPEC §4 step 5: a prompt whose S rewards are all equal is a tie, dropped and counted
+    pool = selection.update_pool(
+        selection.PromptPool.empty(n, max_len), np.arange(n), tokens_N2Y, lengths_N2, rewards_N2, 0
+    )
+    pairs = selection.build_pairs(pool, iteration=0)
+    assert pairs.num_ties == sum(len(set(row)) == 1 for row in rewards)
+    assert pairs.chosen_rewards_Q.tolist() == [max(r) for r in rewards if len(set(r)) > 1]
+
+
+def test_best_and_worst_of_two_is_the_input_and_refuses_bad_rewards():
+    rng = np.random.default_rng(0)
+    tokens, lengths = rng.integers(0, 9, (7, 2, 4)).astype(np.int32), np.full((7, 2), 4, np.int32)
+    rewards = rng.choice([0.0, 1.0], (7, 2)).astype(np.float32)
+    for got, want in zip(selection.best_and_worst(tokens, lengths, rewards),
+                         (tokens, lengths, rewards), strict=True):
+        assert got.tobytes() == want.tobytes()
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        selection.best_and_worst(tokens[:, :1], lengths[:, :1], rewards[:, :1])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        selection.best_and_worst(tokens, lengths, np.where(rewards > 0, np.nan, rewards))
+    with pytest.raises(ValueError, match="lengths_NS must have shape"):
+        selection.best_and_worst(tokens, lengths[:, :1], rewards)
