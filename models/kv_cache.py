@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from models.backend import write_in_place
+from models.backend import set_in_place, write_in_place
 from models.config import ModelConfig
 
 
@@ -83,11 +83,11 @@ class KVCache:
     def fill(self, k_LBUKH, v_LBUKH, slots_U, pos_BU, *, index: int, next_pos_B) -> KVCache:
         """The cache with keys, values [L, B, S, K, H] and positions [B, S] at slots [S]."""
         k_BKHC = tuple(  # [B, S, K, H] -> the slots of [B, K, H, C] and [B, K, C, H]
-            buf.at[..., slots_U].set(k_LBUKH[i].transpose(0, 2, 3, 1).astype(buf.dtype))
+            set_in_place(buf, k_LBUKH[i].transpose(0, 2, 3, 1), (..., slots_U))
             for i, buf in enumerate(self.k_BKHC)
         )
         v_BKCH = tuple(
-            buf.at[:, :, slots_U].set(v_LBUKH[i].transpose(0, 2, 1, 3).astype(buf.dtype))
+            set_in_place(buf, v_LBUKH[i].transpose(0, 2, 1, 3), (slice(None), slice(None), slots_U))
             for i, buf in enumerate(self.v_BKCH)
         )
         return KVCache(

@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.backend import matmul_dtype, project
+from models.attention import attend
+from models.backend import project
 from models.config import ModelConfig
 from models.kv_cache import LayerKV
 
 Dtype = Any
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: fully-masked rows stay NaN-free
 
 
 # ------------------------------------------------------------------------------- rotary
@@ -113,11 +113,18 @@ class Einsum(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with rotary positions (Mistral/Llama), float32 softmax."""
+    """Grouped-query attention with rotary positions (Mistral/Llama), float32 softmax.
+
+    `attention` requests a kernel (`models.attention.ATTENTION`, "auto": per backend);
+    `mask_kind` says what `allowed_BTU` is known to be (`models.attention.MASK_KINDS`; a
+    decode step's is "decode" whatever it says).
+    """
 
     config: ModelConfig
     dtype: Dtype
     param_dtype: Dtype
+    attention: str = "auto"
+    mask_kind: str = "any"
 
     @nn.compact
     def __call__(self, x_BTD, pos_BT, allowed_BTU, *, kv: LayerKV | None = None, prefix_kv=None):
@@ -145,35 +152,30 @@ class Attention(nn.Module):
         q, key = apply_rope(q, pos_BT, inv_freq), apply_rope(key, pos_BT, inv_freq)
         b, t = q.shape[:2]
         q = q.reshape(b, t, k, c.num_groups, h)
+        mask_kind, layouts = self.mask_kind, None
         if kv is not None:  # keys [B, K, H, C], values [B, K, C, H]: plain batched matmuls
             new_kv = kv = kv.write(key, val)
-            key, val, k_layout, v_layout = kv.k_BKHC, kv.v_BKCH, "bkhs", "bksh"
+            key, val, mask_kind, layouts = kv.k_BKHC, kv.v_BKCH, "decode", ("bkhs", "bksh")
         else:
-            new_kv, k_layout, v_layout = (key, val), "bskh", "bskh"
+            new_kv = (key, val)
             if prefix_kv is not None:  # the prefix's keys and values, seen first
+                mask_kind = "any"  # S = P + T: no longer under the diagonal
                 key, val = (
                     jnp.concatenate([jnp.broadcast_to(y, (b, *y.shape)).astype(x.dtype), x], 1)
                     for y, x in zip(prefix_kv, (key, val), strict=True)
                 )
-        # float32 attention logits [B, K, G, T, S]; t (1 in decode) folded into the groups
-        q = q.transpose(0, 2, 3, 1, 4).reshape(b, k, -1, h)
-        logits = jnp.einsum(
-            f"bkqh,{k_layout}->bkqs", q, key.astype(self.dtype), preferred_element_type=jnp.float32
+        out = attend(
+            q,
+            key,
+            val,
+            allowed_BTU,
+            attention=self.attention,
+            mask_kind=mask_kind,
+            layouts=layouts,
         )
-        logits = logits.reshape(b, k, -1, t, logits.shape[-1]) * (h**-0.5)
-        logits = jnp.where(allowed_BTU[:, None, None], logits, MASK_VALUE)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # softmax in float32
-        probs = probs.reshape(b, k, -1, probs.shape[-1])
-        out = jnp.einsum(
-            f"bkqs,{v_layout}->bkqh",
-            probs,
-            val.astype(self.dtype),
-            preferred_element_type=matmul_dtype(probs),
-        ).astype(self.dtype)
-        out = out.reshape(b, k, -1, t, h).transpose(0, 3, 1, 2, 4)
         out = Einsum(
             "btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), name="o_proj", **dense
-        )(out.reshape(b, t, n, h))
+        )(out)
         return out, new_kv
 
 
@@ -199,19 +201,23 @@ class Block(nn.Module):
 
     Returns (hidden, keys and values): with `kv`, the written cache (see `Attention`);
     otherwise those of the newest `keep_kv` tokens of the chunk (None for `keep_kv` = 0).
+    `attention` and `mask_kind` go to `Attention`.
     """
 
     config: ModelConfig
     dtype: Dtype
     param_dtype: Dtype
     keep_kv: int = 0
+    attention: str = "auto"
+    mask_kind: str = "any"
 
     @nn.compact
     def __call__(self, x_BTD, pos_BT, allowed_BTU, prefix_kv=None, *, kv: LayerKV | None = None):
         # prefix_kv is positional: nn.scan scans positional arguments only (one per layer)
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h, new_kv = Attention(c, name="attn", **kw)(
+        attn = Attention(c, attention=self.attention, mask_kind=self.mask_kind, name="attn", **kw)
+        h, new_kv = attn(
             RMSNorm(c.rms_norm_eps, self.dtype, name="attn_norm")(x_BTD),
             pos_BT,
             allowed_BTU,

@@ -27,13 +27,15 @@ class Transformer(nn.Module):
     """Mistral/Llama decoder: training, scoring, prefill and decode steps alike.
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype of parameters created by
-    `init`; logits are always float32. `remat` names a rematerialisation policy per layer.
+    `init`; logits are always float32. `remat` names a rematerialisation policy per layer;
+    `attention` the attention kernel (`models.attention.ATTENTION`; "auto": per backend).
     """
 
     config: ModelConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: str = "none"
+    attention: str = "auto"
 
     @nn.compact
     def __call__(
@@ -45,6 +47,7 @@ class Transformer(nn.Module):
         kv: KVCache | None = None,
         prefix_kv=None,
         keep_kv: int = 0,
+        mask_kind: str = "any",
         return_hidden: bool = False,
         logits_from: int = 0,
         logits_at_R=None,
@@ -59,7 +62,8 @@ class Transformer(nn.Module):
         cache buffers, written in place: the keys and values returned are the layers' written
         `LayerKV`s. Otherwise every row first sees `prefix_kv` (keys, values [L, F, K, H] of a
         shared prefix) when given, and the keys and values returned are those of the newest
-        `keep_kv` tokens, [L, B, keep_kv, K, H] (None for 0).
+        `keep_kv` tokens, [L, B, keep_kv, K, H] (None for 0). `mask_kind` says what `allowed_BTU`
+        is known to be (`models.attention.MASK_KINDS`: "causal" lets a fused kernel skip blocks).
         """
         c = self.config
         embed = Embedder(c.vocab_size, c.hidden_size, self.dtype, self.param_dtype, name="embed")
@@ -67,7 +71,18 @@ class Transformer(nn.Module):
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; allowed: {', '.join(REMAT_POLICIES)}")
         dtypes = (self.dtype, self.param_dtype)
-        if kv is None:
+        if kv is None and self.has_variable("params", "layers_0"):
+            # weights unstacked for decoding (`models.inference.unstack_layers`): a prefill runs
+            # layer by layer from them too, so a sampler needs no stacked copy of its weights
+            kept = []
+            for i in range(c.num_hidden_layers):
+                kw = dict(attention=self.attention, mask_kind=mask_kind, name=f"layers_{i}")
+                block = Block(c, *dtypes, keep_kv, **kw)
+                layer_prefix = None if prefix_kv is None else tuple(y[i] for y in prefix_kv)
+                x, layer_kv = block(x, pos_BT, allowed_BTU, layer_prefix)
+                kept.append(layer_kv)
+            new_kv = tuple(jnp.stack(z) for z in zip(*kept, strict=True)) if keep_kv else None
+        elif kv is None:
             block = Block
             if self.remat != "none":
                 block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
@@ -78,12 +93,12 @@ class Transformer(nn.Module):
                 in_axes=(nn.broadcast, nn.broadcast, 0),  # prefix_kv: one per layer
                 length=c.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(c, *dtypes, keep_kv, name="layers")
+            )(c, *dtypes, keep_kv, attention=self.attention, mask_kind=mask_kind, name="layers")
             x, new_kv = layers(x, pos_BT, allowed_BTU, prefix_kv)
         else:
             new_kv = []
             for i, layer_kv in enumerate(kv.layers()):
-                block = Block(c, *dtypes, name=f"layers_{i}")
+                block = Block(c, *dtypes, attention=self.attention, name=f"layers_{i}")
                 x, layer_kv = block(x, pos_BT, allowed_BTU, kv=layer_kv)
                 new_kv.append(layer_kv)
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="final_norm")(x)
@@ -130,6 +145,7 @@ def forward(
     config: ModelConfig,
     dtype="float32",
     remat: str = "none",
+    attention: str = "auto",
     return_hidden: bool = False,
     logits_from: int = 0,
 ) -> jax.Array:
@@ -137,6 +153,7 @@ def forward(
 
     Padding may sit on either side; positions come from `mask_BT`. `logits_from` skips the
     vocabulary projection for the first positions (a prompt's tokens need no logits).
+    `attention` picks the attention kernel (`models.attention.choose_attention`).
     """
     pos = positions_from_mask(mask_BT)
     idx = jnp.arange(tokens_BT.shape[1])
@@ -147,12 +164,13 @@ def forward(
         jnp.where(valid_pos >= 0, idx, -1),
         config.sliding_window,
     )
-    model = Transformer(config, dtype=jnp.dtype(dtype), remat=remat)
+    model = Transformer(config, dtype=jnp.dtype(dtype), remat=remat, attention=attention)
     out, _ = model.apply(
         {"params": params},
         tokens_BT,
         pos,
         allowed,
+        mask_kind="causal",
         return_hidden=return_hidden,
         logits_from=logits_from,
     )
@@ -170,6 +188,7 @@ def forward_packed(
     config: ModelConfig,
     dtype="float32",
     remat: str = "none",
+    attention: str = "auto",
 ) -> jax.Array:
     """Forward over packed lines: float32 logits [J, V] at the flat indices `logits_at_J` into
     the G * W slots.
@@ -177,10 +196,11 @@ def forward_packed(
     Each line holds segments end to end (`segment_GW`, -1 on padding); a segment is a trunk
     (`branch_GW` 0, e.g. a prompt) and branches (1, 2, ...: its responses) that see the trunk
     and themselves only, at positions `pos_GW` continuing from the trunk (SPEC §1).
+    `attention` picks the attention kernel (`models.attention.choose_attention`).
     """
     allowed = packed_allowed(segment_GW, branch_GW, pos_GW, config.sliding_window)
-    model = Transformer(config, dtype=jnp.dtype(dtype), remat=remat)
+    model = Transformer(config, dtype=jnp.dtype(dtype), remat=remat, attention=attention)
     logits, _ = model.apply(
-        {"params": params}, tokens_GW, pos_GW, allowed, logits_at_R=logits_at_J
+        {"params": params}, tokens_GW, pos_GW, allowed, mask_kind="causal", logits_at_R=logits_at_J
     )
     return logits

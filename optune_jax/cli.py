@@ -86,11 +86,12 @@ def run_main(argv: list[str] | None, trainer: Trainer) -> int:
     summary_table, exported = trainer.summary_table, trainer.exported
     try:
         cfg = load_config(args.config, args.overrides, schema=schema)
-        from optune_jax import distributed  # heavy imports once the config is valid
+        from optune_jax import compile_cache, distributed  # heavy imports once the config is valid
 
         d = getattr(cfg, "distributed", None)
         if d is not None:
             distributed.initialize(d.coordinator, d.num_processes, d.process_id)
+        compile_cache.enable(cfg.run.compilation_cache)  # before anything compiles
         run = make_run(
             cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
         )

@@ -31,6 +31,8 @@ class Plan:
     prompts: int
     train_temp: int  # activations, gradients, gathered weights: the compiled step's temporaries
     train_out: int  # outputs not aliased to (donated) inputs
+    decode_params: int  # the weights' copy in the decode layout, alive while sampling
+    reshard_temp: int  # the copy's resharding program's temporaries (before sampling)
     sample_temp: int  # the sampler's temporaries, the KV cache included
     sample_out: int
     kv_cache: int  # keys and values, split like the batch and the kv heads
@@ -42,8 +44,8 @@ class Plan:
 
     @property
     def sample_peak(self) -> int:  # the train state stays on the devices while sampling
-        state = self.params + self.adapters + self.opt_state
-        return state + self.prompts + self.sample_temp + self.sample_out
+        state = self.params + self.adapters + self.opt_state + self.decode_params
+        return state + max(self.reshard_temp, self.prompts + self.sample_temp + self.sample_out)
 
     @property
     def peak(self) -> int:
@@ -138,7 +140,9 @@ def plan(cfg, devices) -> Plan:
     state, shardings, batch, frozen, params, optimizer, lora = _train_inputs(
         cfg, config, mesh, rules
     )
-    policy = PolicySpec(config, cfg.model.dtype, cfg.model.remat, cfg.loss.average_logps)
+    policy = PolicySpec(
+        config, cfg.model.dtype, cfg.model.remat, cfg.loss.average_logps, cfg.model.attention
+    )
     loss = LossChoice.from_values(cfg.loss.name, dataclasses.asdict(cfg.loss))
     step = sharding.jit_train_step(
         lambda st, b, f: train_step(
@@ -154,17 +158,20 @@ def plan(cfg, devices) -> Plan:
     train = step.lower(state, batch, frozen).compile().memory_analysis()
     train_s = time.perf_counter() - start
 
-    # the sampler: one generate call of sampling.batch_size prompts, num_samples each
-    b, n = s.batch_size, s.num_samples
+    # the sampler as `optune_jax.generate` runs it: the weights copied into the decode layout,
+    # then one generate call of sampling.batch_size prompts, num_samples each
+    b, n, infer = s.batch_size, s.num_samples, sharding.INFERENCE_RULES
     opts = SamplingOptions(max_new_tokens=s.max_new_tokens, eos_ids=(0,), pad_id=0, num_samples=n)
-    split = sharding.batch_sharding(mesh, rules, b)
+    split = sharding.batch_sharding(mesh, infer, b)
     prompt = jax.ShapeDtypeStruct((b, p_len), np.int32, sharding=split)
     ids = jax.ShapeDtypeStruct((b,), np.int32, sharding=split)
     start = time.perf_counter()
-    with sharding.rules_context(mesh, rules):
-        lowered = generate.lower(
-            params, prompt, prompt, ids, 0, 0, config=config, opts=opts, dtype=cfg.model.dtype
-        )
+    to_decode = sharding.to_decode_layout(config, mesh, rules, cfg.model.dtype).lower(params)
+    decode_params = to_decode.out_info
+    reshard = to_decode.compile().memory_analysis()
+    with sharding.rules_context(mesh, infer):
+        kw = dict(config=config, opts=opts, dtype=cfg.model.dtype)
+        lowered = generate.lower(decode_params, prompt, prompt, ids, 0, 0, **kw)
     sample = lowered.compile().memory_analysis()
     sample_s = time.perf_counter() - start
 
@@ -173,7 +180,7 @@ def plan(cfg, devices) -> Plan:
     layer_cache = jax.ShapeDtypeStruct(
         shape,
         jnp.dtype(cfg.model.dtype),
-        sharding=sharding.logical_sharding(shape, ("batch", "kv_heads", None, None), mesh, rules),
+        sharding=sharding.logical_sharding(shape, ("batch", "kv_heads", None, None), mesh, infer),
     )
     per_device = sharding.per_device_bytes
     a, mb = t.batch_size // t.micro_batch_size, t.micro_batch_size
@@ -188,7 +195,9 @@ def plan(cfg, devices) -> Plan:
         f"{p_len + s.max_new_tokens} tokens a row, micro-batch split "
         f"{jax.tree.leaves(batch)[0].sharding.spec}; compiled in {train_s:.0f}s",
         f"sampler: {b} prompts x {n} samples, {p_len} + {s.max_new_tokens} tokens, prompts split "
-        f"{split.spec}; compiled in {sample_s:.0f}s",
+        f"{split.spec}, weights in the decode layout (q_proj "
+        f"{jax.tree.leaves(decode_params['layers_0']['attn']['q_proj'])[0].sharding.spec}); "
+        f"compiled in {sample_s:.0f}s",
     )
     trainable = per_device(state.params)
     return Plan(
@@ -200,6 +209,8 @@ def plan(cfg, devices) -> Plan:
         prompts=per_device((prompt, prompt, ids)),
         train_temp=train.temp_size_in_bytes,
         train_out=train.output_size_in_bytes - train.alias_size_in_bytes,
+        decode_params=per_device(decode_params),
+        reshard_temp=reshard.temp_size_in_bytes,
         sample_temp=sample.temp_size_in_bytes,
         sample_out=sample.output_size_in_bytes,
         kv_cache=2 * config.num_hidden_layers * per_device(layer_cache),
@@ -214,7 +225,9 @@ def report(p: Plan, cfg, device_memory_gb: float) -> list[str]:
         (f"parameters ({cfg.model.param_dtype})", f(p.params), f(p.params)),
         *([("LoRA adapters", f(p.adapters), f(p.adapters))] if p.adapters else []),
         (f"optimizer state ({cfg.train.optimizer})", f(p.opt_state), f(p.opt_state) + " resident"),
+        (f"weights in the decode layout ({cfg.model.dtype})", "", f(p.decode_params)),
         ("batch / prompts", f(p.batch), f(p.prompts)),
+        ("resharding temporaries (before sampling)", "", f(p.reshard_temp)),
         ("activations, gradients, temporaries", f(p.train_temp), f(p.sample_temp)),
         (f"of which KV cache ({cfg.model.dtype})", "", f(p.kv_cache)),
         ("outputs not aliased to inputs", f(p.train_out), f(p.sample_out)),

@@ -23,12 +23,13 @@ def is_exact(s) -> bool:
 
 @dataclasses.dataclass
 class Generator:
-    """`sample_prompts` on the run's mesh, with a progress bar per call."""
+    """`sample_prompts` on the run's mesh in the decode layout (`sharding.INFERENCE_RULES`),
+    with a progress bar per call."""
 
     cfg: object  # RunConfig
     policy: object  # components.Policy
     mesh: object
-    rules: object
+    rules: object  # the training layout's (params arrive in it); decoding has its own
     progress: bool = True
 
     def __call__(
@@ -59,10 +60,15 @@ class Generator:
             top_k=s.top_k,
         )
         opts = dataclasses.replace(opts, **override)
-        put = lambda x: distributed.put(x, sharding.batch_sharding(self.mesh, self.rules, len(x)))
+        # the weights once per call in the decode layout, so no decode step gathers a layer
+        rules, dtype = sharding.INFERENCE_RULES, self.cfg.model.dtype
+        if len(prompts):
+            to_decode = sharding.to_decode_layout(self.policy.config, self.mesh, self.rules, dtype)
+            params = to_decode(params)
+        put = lambda x: distributed.put(x, sharding.batch_sharding(self.mesh, rules, len(x)))
         with tqdm(
             total=len(prompts), desc=desc, unit="prompt", disable=not self.progress, leave=False
-        ) as bar, sharding.rules_context(self.mesh, self.rules):
+        ) as bar, sharding.rules_context(self.mesh, rules):
             return sample_prompts(
                 params,
                 prompts,
@@ -73,7 +79,7 @@ class Generator:
                 iteration=iteration,
                 batch_size=batch or s.batch_size,
                 max_prompt_len=self.cfg.data.max_prompt_tokens,
-                dtype=self.cfg.model.dtype,
+                dtype=dtype,
                 shared_prefix=prefix,
                 pack=s.pack_prompts,
                 on_batch=bar.update,

@@ -34,7 +34,7 @@ from optune_jax.training import PolicyTrainer
 # Settings a resumed run may change; any other difference makes the checkpoint incompatible.
 RESUMABLE_CHANGES = (
     "optune.iterations", "eval", "run.output_dir", "run.keep_checkpoints", "mesh", "distributed",
-    "train.max_skipped_steps",
+    "train.max_skipped_steps", "run.compilation_cache", "model.attention", "model.remat",
 )
 COUNTED = ("prompts_regenerated", "responses_generated", "tokens_generated")
 
@@ -80,7 +80,7 @@ class OptuneRun(Runner):
             cfg, tokenizer, pair_files=from_file
         )
         spec = PolicySpec(self.policy.config, cfg.model.dtype, cfg.model.remat,
-                          cfg.loss.average_logps)
+                          cfg.loss.average_logps, cfg.model.attention)
         t = cfg.train
         steps = t.epochs * -(-len(self.train_prompts.ids) // t.batch_size)
         # per_iteration: a run per iteration, the trainer restarting it over the steps it takes

@@ -40,7 +40,10 @@ from optune_jax.schema import RMConfig
 from optune_jax.steps import run_steps
 from optune_jax.train_step import NonFiniteGuard, TrainState, accumulated_step
 
-RESUMABLE_CHANGES = ("run.output_dir", "run.keep_checkpoints", "mesh", "train.max_skipped_steps")
+RESUMABLE_CHANGES = (
+    "run.output_dir", "run.keep_checkpoints", "mesh", "train.max_skipped_steps",
+    "run.compilation_cache",
+)
 
 
 # ------------------------------------------------------------------------------- pure step

@@ -64,6 +64,9 @@ class ModelSection:
     dtype: str = option("float32", choices=DTYPES)  # dtype of activations and matmuls
     # activation rematerialisation in the train step (what the backward pass recomputes)
     remat: str = option("none", choices=("none", "full", "dots", "dots_no_batch"))
+    # the train step's attention kernel (`models.attention`): auto = einsum on a CPU, cuDNN on a
+    # GPU in bfloat16, XLA's dot_product_attention otherwise
+    attention: str = option("auto", choices=("auto", "einsum", "xla", "cudnn"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +197,9 @@ class RunSection:
     output_dir: str = "runs/default"
     seed: int = 0
     keep_checkpoints: int = option(2, range=POSITIVE)
+    # JAX's persistent compilation cache: "auto" (the user's cache dir), a directory, or null;
+    # the environment's OPTUNE_JAX_CACHE (a directory or "off") wins (optune_jax.compile_cache)
+    compilation_cache: str | None = "auto"
 
 
 MESH_AXES = ("data", "fsdp", "tensor")  # the axes of optune_jax.sharding's mesh
@@ -271,6 +277,9 @@ class RMRunSection:
     output_dir: str = "runs/rm"
     seed: int = 0
     keep_checkpoints: int = option(2, range=POSITIVE)
+    # JAX's persistent compilation cache: "auto" (the user's cache dir), a directory, or null;
+    # the environment's OPTUNE_JAX_CACHE (a directory or "off") wins (optune_jax.compile_cache)
+    compilation_cache: str | None = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

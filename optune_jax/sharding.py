@@ -6,6 +6,7 @@
     state, shardings = create_state(params, optimizer, mesh)  # optimizer state sharded alike
     step = jit_train_step(fn, mesh, rules, state_shardings=shardings,
                           batch_sharding=batch_sharding(mesh, rules, micro_batch_size, axis=1))
+    decode_params = to_decode_layout(config, mesh, "bfloat16")(params)  # once per generate
 
 Model code speaks only logical names (models/layers.py); this file alone knows mesh axes.
 Activation constraints (`nn.with_logical_constraint`) take effect inside `rules_context`.
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from models import ModelConfig, init_params, logical_axes
+from models import ModelConfig, init_params, logical_axes, unstack_layers
 from optune_jax.schema import MESH_AXES  # ("data", "fsdp", "tensor")
 from optune_jax.train_step import TrainState
 
@@ -45,6 +46,27 @@ DEFAULT_RULES: Rules = (
     ("layers", None),
     ("norm", None),
     ("adapters", None),  # LoRA (models/lora.py)
+    ("lora_rank", None),
+)
+
+
+# The decode layout (MaxText's and tunix's serving layout): every device of fsdp x tensor holds
+# a slice of the heads, kv heads, mlp and vocab (Megatron) and the embed dim whole, so a decode
+# step multiplies by its own shard and all-reduces activations, never gathering a weight (an
+# FSDP gather per layer per step, or all of them hoisted out of the loop and kept); rows split
+# over data. Dims the devices do not divide (3 kv heads on 8) stay whole (`logical_sharding`).
+INFERENCE_RULES: Rules = (
+    ("batch", "data"),
+    ("length", None),
+    ("vocab", ("fsdp", "tensor")),
+    ("embed", None),
+    ("heads", ("fsdp", "tensor")),
+    ("kv_heads", ("fsdp", "tensor")),
+    ("mlp", ("fsdp", "tensor")),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("adapters", None),
     ("lora_rank", None),
 )
 
@@ -145,6 +167,39 @@ def param_shardings(config: ModelConfig, mesh: Mesh, rules: Rules):
     """NamedSharding of every parameter of `config`'s model (no weights are allocated)."""
     abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     return tree_shardings(abstract, logical_axes(config), mesh, rules)
+
+
+def _unstacked(shardings, depth: int):
+    """Parameter shardings with the stacked `layers` [L, ...] split as `unstack_layers` does."""
+    drop_layers = lambda s: NamedSharding(s.mesh, PartitionSpec(*s.spec[1:]))
+    layer = jax.tree.map(drop_layers, shardings["layers"])
+    rest = {k: v for k, v in shardings.items() if k != "layers"}
+    return {**rest, **{f"layers_{i}": layer for i in range(depth)}}
+
+
+def decode_shardings(config: ModelConfig, mesh: Mesh):
+    """NamedSharding of every parameter in the decode layout (INFERENCE_RULES), the layers
+    unstacked into `layers_{i}` as `models.unstack_layers` does: a decode step reads each
+    layer's weights in place instead of slicing (copying) them from the stack."""
+    stacked = param_shardings(config, mesh, INFERENCE_RULES)
+    return _unstacked(stacked, config.num_hidden_layers)
+
+
+@functools.cache
+def to_decode_layout(config: ModelConfig, mesh: Mesh, rules: Rules, dtype: str):
+    """The program that copies `config`'s parameters from their layout under `rules` into the
+    decode layout (`decode_shardings`) in the compute `dtype`, compiled once per arguments:
+    run it once per call of `generate`, which then runs under `rules_context(mesh,
+    INFERENCE_RULES)`."""
+    source = _unstacked(param_shardings(config, mesh, rules), config.num_hidden_layers)
+
+    def copy(params):
+        # each layer's slice cast in its own shards, then moved: no float32 or whole-stack
+        # copy of the weights in flight (XLA would otherwise move the stacks, then slice)
+        cast = lambda w, s: jax.lax.with_sharding_constraint(w.astype(dtype), s)
+        return jax.tree.map(cast, unstack_layers(params), source)
+
+    return jax.jit(copy, out_shardings=decode_shardings(config, mesh))
 
 
 def batch_sharding(mesh: Mesh, rules: Rules, rows: int, *, axis: int = 0) -> NamedSharding:

@@ -21,7 +21,8 @@ import yaml
 # rematerialization (the same math recomputed). A key ending in "." ignores a whole section.
 IGNORED = (
     "run.seed", "run.output_dir", "run.keep_checkpoints", "eval.examples", "eval.drift",
-    "train.max_skipped_steps", "model.remat", "mesh.", "distributed.",
+    "train.max_skipped_steps", "model.remat", "model.attention", "mesh.", "distributed.",
+    "run.compilation_cache",
 )
 # the order labels name the keys in (others follow alphabetically), and their short names
 FIRST = ("run.mode", "optune.rho", "optune.selection", "optune.rank_key", "optune.reference",

@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
+    from optune_jax import compile_cache
     from optune_jax.loop import OptuneRun  # heavy imports after argument parsing
 
     if args.variant and (args.rho or args.selection):
@@ -117,6 +118,12 @@ def main(argv=None) -> int:
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        if i == 0:  # one cache for the sweep, set before its first compile
+            try:
+                compile_cache.enable(cfg.run.compilation_cache)
+            except RunError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
         if (out / "summary.md").exists():
             print(f"[{i + 1}/{len(todo)}] {name}: done, skipped")
             continue

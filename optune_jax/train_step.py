@@ -29,6 +29,7 @@ class PolicySpec:
     dtype: str = "float32"
     remat: str = "none"
     average_logps: bool = False
+    attention: str = "auto"  # the attention kernel (`models.attention.choose_attention`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +144,7 @@ def response_logps(params, tokens_BT, attn_BT, resp_BT, *, policy: PolicySpec, p
         config=policy.config,
         dtype=policy.dtype,
         remat=policy.remat,
+        attention=policy.attention,
         logits_from=prompt_len - 1,
     )
     return sequence_logps(
@@ -162,6 +164,7 @@ def packed_logps(params, packed: PackedRows, *, policy: PolicySpec, num_seqs: in
         config=policy.config,
         dtype=policy.dtype,
         remat=policy.remat,
+        attention=policy.attention,
     )
     return packed_sequence_logps(
         logits, packed.target, packed.seq, num_seqs, average=policy.average_logps

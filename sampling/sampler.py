@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from models import KVCache, ModelConfig, decode_step, prefill, unstack_layers
-from sampling.truncation import draw
+from sampling.truncation import DRAW_PATHS, draw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,7 @@ class SamplingOptions:
     top_p: float = 1.0
     top_k: int = 0
     greedy: bool = False
+    draw_path: str = "auto"  # `truncation.draw_path`: "auto" picks one per backend
 
     def __post_init__(self):
         checks = [
@@ -34,6 +36,7 @@ class SamplingOptions:
             (self.temperature > 0, f"temperature={self.temperature} must be > 0 (use greedy)"),
             (0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]"),
             (self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 disables it)"),
+            (self.draw_path in DRAW_PATHS, f"draw_path={self.draw_path!r} not in {DRAW_PATHS}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -73,6 +76,18 @@ def row_keys(
     )(per_prompt).reshape(-1)
 
 
+def _shard_cache(cache: KVCache) -> KVCache:
+    """The cache's rows split like the batch and its keys and values over the kv heads (the
+    rules in context decide the mesh axes; none outside a mesh), so no step regathers it."""
+    kv = lambda x: nn.with_logical_constraint(x, ("batch", "kv_heads", None, None))
+    return cache.replace(
+        k_BKHC=tuple(map(kv, cache.k_BKHC)),
+        v_BKCH=tuple(map(kv, cache.v_BKCH)),
+        pos_BC=nn.with_logical_constraint(cache.pos_BC, ("batch", None)),
+        next_pos_B=nn.with_logical_constraint(cache.next_pos_B, ("batch",)),
+    )
+
+
 def draw_next(keys_R, step, logits_RV, opts: SamplingOptions):
     if opts.greedy:
         token = jnp.argmax(logits_RV, axis=-1).astype(jnp.int32)
@@ -80,7 +95,14 @@ def draw_next(keys_R, step, logits_RV, opts: SamplingOptions):
     # inverse CDF: one uniform per row instead of a Gumbel draw per vocabulary entry
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_R)
     u_R = jax.vmap(jax.random.uniform)(step_keys)
-    return draw(u_R, logits_RV, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p)
+    return draw(
+        u_R,
+        logits_RV,
+        temperature=opts.temperature,
+        top_k=opts.top_k,
+        top_p=opts.top_p,
+        path=opts.draw_path,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("config", "opts", "dtype"))
@@ -122,6 +144,7 @@ def generate(
     )
     # each prompt's prefill is shared by its n samples (every cache array but `index` leads with B)
     cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, n, axis=0), cache)
+    cache = _shard_cache(cache)
     # once, before the loop: each layer's weights in the compute dtype, read in place by every step
     layered = unstack_layers(jax.tree.map(lambda w: w.astype(dtype), params))
     rows = b * n
@@ -144,7 +167,7 @@ def generate(
     def body(s: _LoopState) -> _LoopState:
         s, token = record(s)
         logits, cache = decode_step(layered, token, s.cache, config=config, dtype=dtype)
-        return s.replace(logits_RV=logits, cache=cache)
+        return s.replace(logits_RV=logits, cache=_shard_cache(cache))
 
     def cond(s: _LoopState):  # the last token needs no decode step after it: drawn below
         return (s.step < budget - 1) & ~jnp.all(s.done_R)

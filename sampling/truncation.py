@@ -3,9 +3,10 @@
 `sampling_logprobs` finds each cut-off by bisection over the float32 bit patterns of the
 logits instead of sorting the vocabulary: 32 masked reductions per row, exact (the cut-off
 is one of the logits), and on a CPU about ten times faster than sorting 49k tokens.
-`draw` samples from the same distribution, first among the `candidates` most likely tokens,
-which hold the whole truncated support in almost every row, and falls back to the bisection
-for the rows where they do not.
+`draw` samples from the same distribution by one of three paths, chosen per backend
+(`draw_path`): on a CPU first among the `candidates` most likely tokens, which hold the whole
+truncated support in almost every row, falling back to the bisection for the rows where they
+do not; on a GPU or TPU by one sort per row, with no data-dependent loop.
 """
 
 from __future__ import annotations
@@ -91,55 +92,67 @@ def _inverse_cdf(u_R: jax.Array, logp_RX: jax.Array, block: int = 256) -> jax.Ar
     return block_R * block + jnp.where(jnp.any(above, axis=-1), jnp.argmax(above, axis=-1), last)
 
 
-def _draw_full(u_R, logits_RV, *, temperature, top_k, top_p):
+def _draw_from(u_R, logp_RX, idx_RX=None):
+    """Inverse-CDF draw from log-probabilities [R, X] in vocabulary order; `idx_RX` maps
+    column to token where the X columns are a subset of the vocabulary."""
+    pick = _inverse_cdf(u_R, logp_RX)
+    token = pick if idx_RX is None else jnp.take_along_axis(idx_RX, pick[:, None], -1)[:, 0]
+    return token.astype(jnp.int32), jnp.take_along_axis(logp_RX, pick[:, None], axis=-1)[:, 0]
+
+
+def _draw_bisect(u_R, logits_RV, *, temperature, top_k, top_p):
     logp_RV = sampling_logprobs(logits_RV, temperature=temperature, top_k=top_k, top_p=top_p)
-    token = _inverse_cdf(u_R, logp_RV)
-    return token.astype(jnp.int32), jnp.take_along_axis(logp_RV, token[:, None], axis=-1)[:, 0]
+    return _draw_from(u_R, logp_RV)
 
 
-def draw(
-    u_R: jax.Array,
-    logits_RV: jax.Array,
-    *,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    candidates: int = CANDIDATES,
-):
-    """One token per row from the `sampling_logprobs` distribution, by inverse CDF at u in [0, 1).
+def _sorted_cut(desc_RX: jax.Array, top_k: int, top_p: float, lse_R=None) -> jax.Array:
+    """Per row, the smallest logit top-k then top-p keep, from logits in descending order.
 
-    Returns (token [R] int32, its log-probability [R] float32). Rows whose truncated support
-    lies inside their `candidates` most likely tokens (`lax.top_k`: a partial sort) draw
-    among those; the others fall back to bisection over the whole vocabulary, computed for
-    those rows only. A row's token depends on its own logits and u alone.
+    `desc_RX` holds a row's whole vocabulary, or its head with `lse_R` the log-partition of
+    the whole row (top-k off; with top-k on, its survivors must all be in the head).
     """
+    cut_R = desc_RX[:, top_k - 1] if top_k else desc_RX[:, -1]  # top-k keeps ties with the k-th
+    if top_p < 1.0:
+        kept = desc_RX >= cut_R[:, None]
+        if lse_R is None or top_k:
+            lse_R = jax.nn.logsumexp(jnp.where(kept, desc_RX, NEG), axis=-1)
+        p_RX = jnp.where(kept, jnp.exp(desc_RX - lse_R[:, None]), 0.0)
+        above_RX = jnp.cumsum(p_RX, axis=-1) - p_RX  # mass of the more likely tokens
+        # Holtzman et al. 2020: the least likely token whose more likely tokens hold < p; the
+        # first of tied tokens sees only the strictly more likely ones, so ties stay together
+        last = jnp.sum(above_RX < top_p, axis=-1) - 1
+        cut_R = jnp.maximum(cut_R, jnp.take_along_axis(desc_RX, last[:, None], axis=-1)[:, 0])
+    return cut_R
+
+
+def _draw_sort(u_R, logits_RV, *, temperature, top_k, top_p):
+    # one sort of the values (no indices) and a cumulative sum: no loop at all
+    z_RV = logits_RV.astype(jnp.float32) / temperature
+    desc_RV = jnp.flip(jnp.sort(z_RV, axis=-1), axis=-1)
+    cut_R = _sorted_cut(desc_RV, top_k if top_k < z_RV.shape[-1] else 0, top_p)
+    return _draw_from(u_R, jax.nn.log_softmax(jnp.where(z_RV >= cut_R[:, None], z_RV, NEG), -1))
+
+
+def _draw_candidates(u_R, logits_RV, *, temperature, top_k, top_p, candidates):
     v = logits_RV.shape[-1]
     m = min(v, max(candidates, top_k + 1))
-    if m == v or (top_p >= 1.0 and not top_k):  # no truncation to narrow the vocabulary down
-        return _draw_full(u_R, logits_RV, temperature=temperature, top_k=top_k, top_p=top_p)
+    if m == v:  # nothing to narrow the vocabulary down to
+        return _draw_bisect(u_R, logits_RV, temperature=temperature, top_k=top_k, top_p=top_p)
     z_RV = logits_RV.astype(jnp.float32) / temperature
     # descending; the barrier keeps XLA from folding later slices into the top-k, which on
     # a CPU turns its partial sort (a TopK call) into a full sort of the vocabulary
-    top_RX, idx_RX = jax.lax.optimization_barrier(jax.lax.top_k(z_RV, m))
-    cut_R = top_RX[:, top_k - 1] if top_k else top_RX[:, -1]  # top-k keeps ties with the k-th
-    if top_p < 1.0:
-        # probabilities after top-k (its survivors are all candidates, or the row falls back)
-        if top_k:
-            kept = top_RX >= cut_R[:, None]
-            lse_R = jax.nn.logsumexp(jnp.where(kept, top_RX, NEG), axis=-1)
-            p_RX = jnp.where(kept, jnp.exp(top_RX - lse_R[:, None]), 0.0)
-        else:
-            p_RX = jnp.exp(top_RX - jax.nn.logsumexp(z_RV, axis=-1)[:, None])
-        above_RX = jnp.cumsum(p_RX, axis=-1) - p_RX  # mass of the more likely candidates
-        # Holtzman et al. 2020: the least likely token whose more likely tokens hold < p
-        last = jnp.sum(above_RX < top_p, axis=-1) - 1
-        cut_R = jnp.maximum(cut_R, jnp.take_along_axis(top_RX, last[:, None], axis=-1)[:, 0])
+    # (one barrier per output: XLA's TopK decomposer, which runs when the program spans
+    # several devices, expects each user of the top-k to take one of its outputs)
+    top_RX, idx_RX = map(jax.lax.optimization_barrier, jax.lax.top_k(z_RV, m))
+    # top-k's survivors are all candidates (m > top_k); without top-k, p needs the whole row
+    lse_R = None if top_k else jax.nn.logsumexp(z_RV, axis=-1)
+    cut_R = _sorted_cut(top_RX, top_k, top_p, lse_R)
     # exact when the least likely candidate is cut: every token outside is less likely still
     fast_R = top_RX[:, -1] < cut_R
+    # the draw runs in vocabulary order, as on the other paths: the same u, the same token
+    idx_RX, top_RX = jax.lax.sort((idx_RX, top_RX), dimension=1, num_keys=1)
     logp_RX = jax.nn.log_softmax(jnp.where(top_RX >= cut_R[:, None], top_RX, NEG), axis=-1)
-    pick = _inverse_cdf(u_R, logp_RX)
-    token = jnp.take_along_axis(idx_RX, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    logp = jnp.take_along_axis(logp_RX, pick[:, None], axis=-1)[:, 0]
+    token, logp = _draw_from(u_R, logp_RX, idx_RX)
 
     # the rest draw from the whole vocabulary, a few rows at a time (one row's result does
     # not depend on the rows it shares a chunk with)
@@ -150,7 +163,7 @@ def draw(
     def redo(state):
         i, token, logp = state
         idx = jax.lax.dynamic_slice_in_dim(order, i * rows, rows)  # clamped at the end
-        full_t, full_lp = _draw_full(
+        full_t, full_lp = _draw_bisect(
             u_R[idx], logits_RV[idx], temperature=temperature, top_k=top_k, top_p=top_p
         )
         use = ~fast_R[idx]
@@ -160,3 +173,52 @@ def draw(
 
     _, token, logp = jax.lax.while_loop(lambda s: s[0] < chunks, redo, (0, token, logp))
     return token, logp
+
+
+DRAW_PATHS = ("auto", "candidates", "sort", "bisect")
+
+
+def draw_path(path: str = "auto") -> str:
+    """The path `draw` takes: `path` itself, or for "auto" the one that suits the default
+    backend at trace time: "candidates" on a CPU, "sort" on a GPU or TPU.
+
+    A GPU's TopK kernel handles k <= 16 only (XLA:GPU turns top_k(256) into a full sort),
+    and the candidates' fallback loop has a data-dependent trip count, whose predicate
+    XLA:GPU copies to the host on every iteration; one sort is cheaper there.
+    """
+    if path not in DRAW_PATHS:
+        raise ValueError(f"draw path {path!r} is not one of {DRAW_PATHS}")
+    if path != "auto":
+        return path
+    return "candidates" if jax.default_backend() == "cpu" else "sort"
+
+
+def draw(
+    u_R: jax.Array,
+    logits_RV: jax.Array,
+    *,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    candidates: int = CANDIDATES,
+    path: str = "auto",
+):
+    """One token per row from the `sampling_logprobs` distribution, by inverse CDF at u in [0, 1).
+
+    Returns (token [R] int32, its log-probability [R] float32). The cumulative distribution
+    runs in vocabulary order on every path, so each path draws the same token for the same u
+    (up to float32 rounding at a boundary). The paths (`draw_path`) find the cut-offs by:
+    - "candidates": `lax.top_k` of `candidates` tokens (a partial sort on a CPU); rows whose
+      truncated support lies outside them fall back to "bisect", a few rows at a time, in a
+      loop whose trip count depends on the data;
+    - "sort": one sort of each row's logits and a cumulative sum, no loop;
+    - "bisect": `sampling_logprobs`, two fixed 32-step bisections over the whole row.
+    A row's token depends on its own logits and u alone.
+    """
+    path = draw_path(path)
+    args = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    if path == "bisect" or (top_p >= 1.0 and not top_k):  # untruncated: log_softmax alone
+        return _draw_bisect(u_R, logits_RV, **args)
+    if path == "sort":
+        return _draw_sort(u_R, logits_RV, **args)
+    return _draw_candidates(u_R, logits_RV, candidates=candidates, **args)

@@ -7,11 +7,15 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Hermetic: no run of the suite reads or writes the user's compilation cache (whatever the
+# environment says); test_compile_cache.py turns it on in its own subprocesses.
+os.environ["OPTUNE_JAX_CACHE"] = "off"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_enable_compilation_cache", False)  # nor JAX_COMPILATION_CACHE_DIR's
 
 
 def pytest_configure(config):

@@ -24,6 +24,9 @@ def test_the_7b_paper_setting_fits_8_devices_of_80gb_with_room_to_spare():
     assert plan.train_out < 1024  # only the metrics: the donated state is updated in place
     assert 0 < plan.train_temp and plan.kv_cache < plan.sample_temp
     assert plan.peak < 40 * GIB  # half of an 80 GB device or less
+    # the sampler's bf16 copy in the decode layout: all but the norms split 8 ways
+    assert plan.decode_params == (n * 2 - norms // 2) // 8 + norms // 2
+    assert plan.sample_peak <= 12 * GIB  # no layer's gathered weights kept across steps
 
     text = "\n".join(dryrun.report(plan, cfg, 80))
     assert "| **peak** |" in text and text.splitlines()[-1].startswith("fits")

@@ -1,5 +1,6 @@
 """Mesh, rules and the sharded train step on 8 simulated CPU devices (tests/conftest.py)."""
 
+import dataclasses
 import functools
 
 import jax
@@ -169,3 +170,35 @@ def test_rules_overrides_and_mesh_shapes():
     for bad in [(3, -1, 1), (2, 2, 1), (-1, -1, 1), (0, 8, 1)]:
         with pytest.raises(ValueError, match="mesh shape"):
             sharding.resolve_shape(bad, 8)
+
+
+@pytest.mark.parametrize("shape, heads, kv_heads", [((1, 8, 1), 16, 8), ((2, 2, 2), 4, 2)])
+def test_the_decode_layout_samples_what_one_device_samples(shape, heads, kv_heads):
+    # the Generator's path: weights moved once from the training layout into the decode
+    # layout (heads, kv heads, mlp, vocab over fsdp x tensor), rows over data
+    from sampling import SamplingOptions, generate
+
+    config = dataclasses.replace(CONFIG, num_attention_heads=heads, num_key_value_heads=kv_heads)
+    host = jax.device_get(jax.jit(functools.partial(init_params, config))(jax.random.key(1)))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(2, config.vocab_size, (4, 6)).astype(np.int32)
+    mask = (np.arange(6) >= np.array([[0], [2], [5], [3]])).astype(np.int32)  # left padding
+    opts = SamplingOptions(max_new_tokens=6, eos_ids=(1,), pad_id=0, num_samples=2, top_p=0.9)
+    ids = np.arange(4, dtype=np.int32)
+    run = functools.partial(generate, seed=3, iteration=1, config=config, opts=opts)
+    want = jax.device_get(run(host, tokens, mask, ids))
+
+    mesh, rules = sharding.make_mesh(shape), sharding.make_rules()
+    trained = jax.device_put(host, sharding.param_shardings(config, mesh, rules))
+    params = sharding.to_decode_layout(config, mesh, rules, "float32")(trained)
+    q = params["layers_0"]["attn"]["q_proj"]["kernel"]  # [D, N, H]: the heads split
+    assert q.sharding.spec == P(None, ("fsdp", "tensor"), None)
+    k = params["layers_0"]["attn"]["k_proj"]["kernel"]  # one kv head a device (2 on 2 x 2)
+    assert k.addressable_shards[0].data.shape[1] == 1
+    infer = sharding.INFERENCE_RULES
+    put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, infer, len(x)))
+    with sharding.rules_context(mesh, infer):
+        got = jax.device_get(run(params, put(tokens), put(mask), put(ids)))
+    np.testing.assert_array_equal(got.tokens_BSY, want.tokens_BSY)
+    np.testing.assert_array_equal(got.lengths_BS, want.lengths_BS)
+    np.testing.assert_allclose(got.logps_BSY, want.logps_BSY, rtol=1e-5, atol=1e-5)
