@@ -62,6 +62,8 @@ def enable(setting: str | None, env: Mapping[str, str] | None = None) -> Path | 
         jax.config.update("jax_enable_compilation_cache", False)
         return None
     try:
+        if path.exists() and not path.is_dir():  # mkdir would say "it already exists"
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(path))
         path.mkdir(parents=True, exist_ok=True)
         if not os.access(path, os.W_OK | os.X_OK):
             raise PermissionError(errno.EACCES, "permission denied", str(path))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -71,7 +72,7 @@ def test_a_file_in_the_way_stops_the_cli_with_one_line(tmp_path, monkeypatch, ca
     assert err == (f"error: cannot use the compilation cache {tmp_path}/file/jax: {tmp_path}/file "
                    f"is a file, not a directory (or set {ENV}=off)"), err
     assert not (tmp_path / "run").exists()  # stopped before the run directory was made
-    with pytest.raises(RunError):
+    with pytest.raises(RunError, match=re.escape(f"{tmp_path}/file is a file, not a dir")):
         compile_cache.enable("auto", {ENV: str(tmp_path / "file")})
 
 
