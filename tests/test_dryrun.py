@@ -27,7 +27,20 @@ def test_the_7b_paper_setting_fits_8_devices_of_80gb_with_room_to_spare():
     # the sampler's bf16 copy in the decode layout: all but the norms split 8 ways
     assert plan.decode_params == (n * 2 - norms // 2) // 8 + norms // 2
     assert plan.sample_peak <= 12 * GIB  # no layer's gathered weights kept across steps
+    assert plan.train_peak <= 20 * GIB  # 20.24 GiB with an element-wise non-finite guard
 
     text = "\n".join(dryrun.report(plan, cfg, 80))
     assert "| **peak** |" in text and text.splitlines()[-1].startswith("fits")
     assert "DOES NOT FIT" in dryrun.report(plan, cfg, 10)[-1]
+
+
+def test_accumulating_micro_batches_costs_one_gradient_sum_not_a_second_set_of_activations():
+    # SmolLM2 (no weight loaded), 4 pairs a micro-batch: 2 micro-batches add the float32
+    # gradient sums only (a first micro-batch peeled out of the scan doubled the activations)
+    temp = {}
+    for a in (1, 2):
+        overrides = [f"train.batch_size={4 * a}", "train.micro_batch_size=4"]
+        cfg = load_config("configs/smollm2_ifeval.yaml", overrides)
+        plan = dryrun.plan(cfg, jax.devices()[:1])
+        temp[a] = plan.train_temp
+    assert 0 < temp[2] - temp[1] <= 1.1 * plan.params, (temp, plan.params)
