@@ -278,7 +278,7 @@ def accumulated_step(state: TrainState, batch, loss_fn, *, optimizer):
         return jax.tree.map(jnp.add, carry, (g, m)), None
 
     # every micro-batch inside the scan, the sums from zeros: a first micro-batch peeled out of it
-    # kept a second set of activation buffers (the main job's step: 6.3 -> 3.x GiB, dryrun)
+    # kept a second set of activation buffers (the main job's step: 6.3 -> 3.7 GiB, dryrun)
     zeros = jax.eval_shape(weighted, *jax.tree.map(lambda x: x[0], (batch, share_A)))
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), zeros)
     (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (batch, share_A))
