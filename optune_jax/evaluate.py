@@ -17,6 +17,12 @@ from optune_jax.scoring import ResponseScorer
 EVAL_SEED_OFFSET = 1_000_003  # held-out draws use their own stream, the same every iteration
 
 
+def mean_ci95(x_N: np.ndarray) -> float:
+    """Half-width of the normal 95 % confidence interval of the mean of `x_N` (nan below 2)."""
+    x_N = np.asarray(x_N, np.float64)
+    return float(1.96 * np.std(x_N, ddof=1) / np.sqrt(len(x_N))) if len(x_N) > 1 else float("nan")
+
+
 @dataclasses.dataclass
 class Evaluator:
     """Evaluates a policy on the held-out prompts (token ids, rows, shared prefix)."""

@@ -20,7 +20,7 @@ from models.lora import init_lora, lora_logical_axes, merge
 from optune_jax import distributed, prompts, reward_history, selection, sharding
 from optune_jax import rewards as rewards_lib
 from optune_jax.components import build_mesh, build_optimizer, load_policy, lora_spec
-from optune_jax.evaluate import Evaluator
+from optune_jax.evaluate import Evaluator, mean_ci95
 from optune_jax.generate import Generator
 from optune_jax.hypo import OnlineSampleHook
 from optune_jax.metrics_log import MetricsLog
@@ -242,6 +242,8 @@ class OptuneRun(Runner):
             **{f"train.{k}": v for k, v in train_metrics.items()},
             **eval_record,
             "eval.win_score": Evaluator.win_score(eval_rewards, self.initial_eval),
+            # the gain over π_0, paired per prompt: how far one evaluation can be trusted
+            "eval.reward_gain_ci95": mean_ci95(eval_rewards - self.initial_eval),
             **{f"total.{k}": v for k, v in self.totals.items()},
         }
 

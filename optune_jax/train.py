@@ -25,6 +25,9 @@ def summary_table(records: list[dict]) -> str:
 
     rows = [
         ("held-out reward", *both("eval.reward", ".4f")),
+        *([("held-out reward gain, paired (95 % interval)", "",
+            f"{last['eval.reward'] - before['eval.reward']:+.3f} ± "
+            f"{last['eval.reward_gain_ci95']:.3f}")] if "eval.reward_gain_ci95" in last else []),
         ("win score vs initial policy (SPEC §6)", "50.0", f"{last['eval.win_score']:.1f}"),
     ]
     if "eval.kl_initial" in last:  # eval.drift

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from optune_jax import drift, train
+from optune_jax import drift, evaluate, train
 from optune_jax.loop import OptuneRun
 
 from .test_loop import ONE_DEVICE, micro_config
@@ -73,7 +73,9 @@ def test_summary_shows_drift_and_answers_side_by_side():
             "total.tokens_generated": 100, "total.generation_seconds": 1.0,
         }
 
-    text = train.summary_table([record(-1, 0.0, "Hi there."), record(0, 0.25, "a | b\nc")])
+    last = {**record(0, 0.25, "a | b\nc"), "eval.reward_gain_ci95": 0.0712}
+    text = train.summary_table([record(-1, 0.0, "Hi there."), last])
+    assert "| held-out reward gain, paired (95 % interval) |  | +0.100 ± 0.071 |" in text
     assert "| KL(π_t ‖ π_0) per token, on samples | 0.000 | 0.250 |" in text
     assert "| NLL under π_0 of greedy answers, nats/token | 0.700 | 0.950 |" in text
     assert "| samples ending with EOS | 25% | 25% |" in text
@@ -102,3 +104,12 @@ def test_missing_eos_penalty_lowers_only_cut_training_responses(tmp_path):
     run.close()
     assert cut.any()  # the tiny model rarely ends within 12 tokens
     np.testing.assert_allclose(pool.rewards_P2, raw - 0.5 * cut, atol=1e-6)
+
+
+def test_mean_ci95_is_the_normal_interval_of_the_mean():
+    x = np.array([0.1, 0.4, 0.2, 0.9, 0.0])
+    mean = sum(x) / 5
+    sd = (sum((v - mean) ** 2 for v in x) / 4) ** 0.5  # sample standard deviation, by hand
+    assert evaluate.mean_ci95(x) == pytest.approx(1.96 * sd / 5**0.5)
+    assert evaluate.mean_ci95(np.zeros(48)) == 0.0
+    assert np.isnan(evaluate.mean_ci95(np.array([0.3])))

@@ -62,6 +62,7 @@ def test_tiny_config_learns_and_accounts_for_generation(tmp_path, capsys):
     for r in iters:
         assert r["pairs"] + r["pairs_dropped_ties"] == 64
         assert r["tokens_generated"] > 0
+        assert 0 < r["eval.reward_gain_ci95"] < 0.5  # paired over the 32 held-out prompts
         assert all(r[f"seconds.{k}"] > 0 for k in ("generation", "reward", "reference", "training"))
     assert iters[0]["reward_kept"] is None and iters[1]["reward_kept"] > 0  # NaN: JSON null
     # drift from π_0: none before training, some after; greedy answers kept for the summary
