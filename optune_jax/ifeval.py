@@ -18,15 +18,17 @@ Families (params; satisfied when; severity s of a miss):
   s = (min_words - n) / min_words below, min(1, (n - max_words) / max_words) above.
 - include_words (words): every word occurs as a whole word; s = missing / required.
 - avoid_words (words): none occurs as a whole word; s = c / (c + 1) for c occurrences.
-- end_phrase (phrase): the response ends with the phrase (rule below); s = t / (t + len(phrase))
-  for t characters after its last occurrence, 1 if it is absent.
+- end_phrase (phrase): the response ends with the phrase (rule below) after a word of its own;
+  s = t / (t + len(phrase)) for t characters after its last occurrence, 1 if it is absent or
+  nothing with a word comes before it ("Hope this helps." alone answers nothing).
 - bullets (n): exactly n lines start, after spaces or tabs, with "*" or "-" then a space and
   text holding a word ("* a" and "- b" mix freely; "•", "1.", "**bold**" and "* **" are not
   bullets);
   s = |count - n| / max(count, n).
 - no_commas (-): no "," (nor fullwidth "，"); s = c / (c + 1).
-- start_word (word): the first word is `word`; leading punctuation is ignored, so '"Sure, …'
-  starts with "Sure"; s = p / (p + 1) for its first word position p, 1 if absent.
+- start_word (word): the first word is `word` and another word follows; leading punctuation is
+  ignored, so '"Sure, …' starts with "Sure"; s = p / (p + 1) for its first word position p, 1
+  if absent or if it is the only word.
 - quotes (-): the stripped response starts with " or “ and ends with " or ”, with a word
   inside (inner quotes allowed); s = 0.5 if only one side is quoted, else 1.
 - paragraphs (n): exactly n blocks holding a word, separated by blank (whitespace-only) lines;
@@ -144,7 +146,7 @@ def miss_end_phrase(text: str, phrase: str) -> float:
         raise ValueError("end_phrase needs a non-blank 'phrase'")
     pattern = re.compile(r"(?<![^\W_])" + re.escape(target) + r"(?![^\W_])")
     matches = list(pattern.finditer(body))
-    if not matches:
+    if not matches or not has_words(body[: matches[-1].start()]):  # the phrase alone: no answer
         return 1.0
     trailing = len(body) - matches[-1].end()
     return trailing / (trailing + len(target))
@@ -177,6 +179,8 @@ def miss_start_word(text: str, word: str) -> float:
     if target not in folded:
         return 1.0
     position = folded.index(target)
+    if len(folded) == 1:  # the word alone: no answer
+        return 1.0
     return position / (position + 1)
 
 

@@ -358,10 +358,10 @@ Row: `{{"id", "prompt", "constraints": [{{"type", ...params}}], "base"}}`.
 | word_count | min_words and/or max_words | min_words <= words <= max_words (inclusive) |
 | include_words | words | each word occurs as a whole word (any case) |
 | avoid_words | words | none occurs as a whole word (any case) |
-| end_phrase | phrase | ends with the phrase (any case), ignoring trailing whitespace and . ! ? |
+| end_phrase | phrase | words, then the phrase last (any case; trailing space and . ! ? ignored) |
 | bullets | n | exactly n lines start with `* ` or `- ` (after indentation) then a word |
 | no_commas | - | no `,` (nor fullwidth `，`) |
-| start_word | word | the first word is `word` (any case; leading punctuation ignored) |
+| start_word | word | `word` first (any case; leading punctuation ignored), then more words |
 | quotes | - | the stripped response is wrapped in `"` (or `“ ”`) around text with a word |
 | paragraphs | n | exactly n blocks with a word, separated by blank lines |
 

@@ -128,7 +128,7 @@ def test_avoid_words(text, words, miss):
         "Some advice. Hope this helps.",
         "Some advice. HOPE THIS HELPS!!  \n",
         "Some advice.\nhope this helps?",
-        "hope this helps",
+        "Yes hope this helps",
     ],
 )
 def test_end_phrase_passes(text):
@@ -143,6 +143,8 @@ def test_end_phrase_passes(text):
         ("Some advice. hope this helps:", "partial"),  # only . ! ? are stripped
         ("Some advice.", 1.0),
         ("nohope this helps", 1.0),  # must start at a word boundary
+        ("Hope this helps.", 1.0),  # the phrase alone answers nothing
+        (" ... hope this helps", 1.0),
     ],
 )
 def test_end_phrase_fails(text, expected):
@@ -155,7 +157,7 @@ def test_end_phrase_fails(text, expected):
 
 def test_end_phrase_punctuation_in_phrase_and_apostrophes():
     assert ifeval.miss_end_phrase("Done. That’s all!", phrase="that's all.") == 0.0
-    assert ifeval.miss_end_phrase("Anything else?", phrase="Anything else?") == 0.0
+    assert ifeval.miss_end_phrase("Done. Anything else?", phrase="Anything else?") == 0.0
     near = ifeval.miss_end_phrase("x. good luck ok", phrase="good luck")
     far = ifeval.miss_end_phrase("x. good luck and a lot of other words", phrase="good luck")
     assert 0 < near < far < 1
@@ -212,6 +214,8 @@ def test_no_commas(text, miss):
         ("I honestly think so", 0.5),
         ("Honestly-speaking it works", 1.0),  # a hyphenated word is one word
         ("Nothing to see", 1.0),
+        ("Honestly.", 1.0),  # the word alone answers nothing
+        ("Honestly honestly", 0.0),
     ],
 )
 def test_start_word(text, miss):
