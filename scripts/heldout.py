@@ -5,11 +5,12 @@ Usage: python scripts/heldout.py MODEL_DIR [MODEL_DIR ...] [--config FILE] [--sa
                                  [--set section.key=value ...] [--json FILE]
 
 The run's own evaluation scores one sample of each of `data.num_eval_prompts` prompts (the main
-job: 48, about ±0.035 on the mean reward); this one scores `--samples` samples of every held-out
-prompt (160: ±0.02) with the config's `sampling.*` settings, and the difference to the base
-model per prompt, with a 95 % confidence interval (1.96 standard errors over prompts). The base
-is the config's `model.checkpoint`; each MODEL_DIR is a run's exported `model/`. Rewards are
-the config's reward (no missing-EOS penalty, as in the run's evaluation).
+job: 48, a standard error of about 0.035 on the mean reward); this one scores `--samples`
+samples of every held-out prompt (160 x 4: about 0.018) with the config's `sampling.*`
+settings, and the difference to the base model per prompt, with a 95 % confidence interval
+(1.96 standard errors over prompts). The base is the config's `model.checkpoint`; each
+MODEL_DIR is a run's exported `model/`. Rewards are the config's reward (no missing-EOS
+penalty, as in the run's evaluation).
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ def main(argv=None) -> int:
             print(f"error: {m} holds no exported model (config.json); expected a run's model/",
                   file=sys.stderr)
             return 2
+    if args.json and not args.json.parent.is_dir():
+        print(f"error: --json {args.json}: no directory {args.json.parent}", file=sys.stderr)
+        return 2
     if args.samples < 1:
         print(f"error: --samples {args.samples}; expected at least 1", file=sys.stderr)
         return 2
@@ -114,10 +118,16 @@ def main(argv=None) -> int:
         for r in results:
             print(f"| {r['checkpoint']} | " + " | ".join(f"{r['families'][k]:.3f}" for k in names)
                   + " |")
-    if args.json:
+    if args.json:  # written whole or not at all
         out = [dict(r, rewards=r["rewards"].mean(1).round(4).tolist()) for r in results]
-        args.json.write_text(json.dumps(dict(samples=args.samples, seed=args.seed,
-                                             config=args.config, results=out), indent=1))
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(dict(samples=args.samples, seed=args.seed,
+                                           config=args.config, results=out), indent=1))
+            tmp.replace(args.json)
+        except OSError as error:
+            print(f"error: cannot write {args.json}: {error.strerror}", file=sys.stderr)
+            return 2
     return 0
 
 

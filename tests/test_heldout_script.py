@@ -44,3 +44,5 @@ def test_bad_input_stops_with_one_line(tmp_path, capsys):
     assert heldout.main([str(tmp_path), "--set", "sampling.top_p=2"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "top_p" in err
+    assert heldout.main([str(tmp_path), "--json", str(tmp_path / "no" / "h.json")]) == 2
+    assert "--json" in capsys.readouterr().err and not (tmp_path / "no").exists()
