@@ -10,12 +10,31 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Hermetic: no run of the suite reads or writes the user's compilation cache (whatever the
 # environment says); test_compile_cache.py turns it on in its own subprocesses.
 os.environ["OPTUNE_JAX_CACHE"] = "off"
+# Most tests compile many small programs that then run for milliseconds, where XLA's
+# optimisation passes cost more than they save (the suite takes about 40 % less time without
+# them; subprocesses inherit the variable). Tests that run a real model for long, or read the
+# optimised program (its memory, its HLO), keep them: @pytest.mark.optimized.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_enable_compilation_cache", False)  # nor JAX_COMPILATION_CACHE_DIR's
+
+
+@pytest.fixture(autouse=True)
+def _xla_optimizations(request):
+    """XLA's full optimisation for a test marked `optimized` (programs compile on first call)."""
+    if request.node.get_closest_marker("optimized") is None:
+        yield
+        return
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
 
 
 def pytest_configure(config):

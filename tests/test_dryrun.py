@@ -1,9 +1,12 @@
 """The dry run: the paper's 7B setting compiles on 8 simulated devices and fits 80 GB."""
 
 import jax
+import pytest
 
 from optune_jax import dryrun
 from optune_jax.config import load_config
+
+pytestmark = pytest.mark.optimized  # the memory of the programs a real run compiles
 
 GIB = 2**30
 

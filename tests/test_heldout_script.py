@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from optune_jax.config import load_config
 from optune_jax.loop import OptuneRun
 
@@ -17,6 +19,7 @@ def load_script():
     return module
 
 
+@pytest.mark.optimized  # samples the real model: optimising pays
 def test_an_exported_copy_of_the_base_scores_exactly_the_base(tmp_path, capsys):
     # the base (tiny config, random weights) exported untrained: same weights, same draws, so
     # every per-prompt reward must match and the paired difference is exactly 0

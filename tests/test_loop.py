@@ -41,6 +41,7 @@ def micro_config(tmp_path, *extra):
     return load_config("configs/tiny.yaml", [*MICRO, f"run.output_dir={tmp_path / 'run'}", *extra])
 
 
+@pytest.mark.optimized  # runs long enough that optimising pays
 def test_tiny_config_learns_and_accounts_for_generation(tmp_path, capsys):
     out = tmp_path / "tiny"
     assert (

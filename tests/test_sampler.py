@@ -374,6 +374,7 @@ def test_every_draw_path_compiles_and_agrees_across_devices():
             np.testing.assert_array_equal(fn(u, split)[0], want, err_msg=f"{path} {spec}")
 
 
+@pytest.mark.optimized  # reads the optimised HLO
 def test_the_sort_and_bisect_paths_have_no_data_dependent_loop():
     args = (jnp.zeros(4), jnp.zeros((4, 300)))
 
