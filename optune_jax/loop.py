@@ -25,7 +25,7 @@ from optune_jax.generate import Generator
 from optune_jax.hypo import OnlineSampleHook
 from optune_jax.metrics_log import MetricsLog
 from optune_jax.pair_source import make_source, pairs_from_file
-from optune_jax.reference import ReferenceLogps, behavior_logps
+from optune_jax.reference import ReferenceLogps, kept_reference_logps
 from optune_jax.runner import Runner
 from optune_jax.scoring import ResponseScorer
 from optune_jax.train_step import LossChoice, NonFiniteGuard, PolicySpec
@@ -108,8 +108,8 @@ class OptuneRun(Runner):
         self.generate = Generator(cfg, self.policy, self.mesh, self.rules, progress)
         self.score = ResponseScorer(cfg.reward.name, tokenizer, reward_fn)
         self.source = make_source(cfg, self.policy, self.train_prompts, self.generate, self.score)
-        # reference: behavior, the logps [P, 2] (chosen, rejected) of each prompt's pair under
-        # the policy that generated it, kept with the pair
+        # reference: behavior or initial, the logps [P, 2] (chosen, rejected) of each prompt's
+        # pair under the policy that generated it, or under π_0: kept with the pair
         self.behavior_ref = np.full((len(self.train_prompts.ids), 2), np.nan, np.float32)
         self.reference = ReferenceLogps(
             spec,
@@ -199,13 +199,16 @@ class OptuneRun(Runner):
         pi_t = self.policy_params()
         batch, prompt_idx, record = self.source.pairs(t, pi_t, timers)
         self._count(record, timers["generation"])
-        # 7a. reference logps of every pair, new and kept, in one pass (SPEC §3)
+        # 7a. reference logps of the pairs (SPEC §3); a fixed reference scores each pair once
         start = clock()
         ref_params = self.initial_params if cfg.optune.reference == "initial" else pi_t
-        if cfg.optune.reference == "behavior":  # only the new pairs: kept ones keep theirs
+        if cfg.optune.reference != "current":  # only the new pairs: kept ones keep theirs
+            kept_Q2 = self.behavior_ref[prompt_idx]
             new_Q = self.source.pool.iteration_P[prompt_idx] == t
-            ref_Q2 = behavior_logps(self.reference, pi_t, batch, new_Q,
-                                    self.behavior_ref[prompt_idx])
+            if cfg.optune.reference == "initial":  # π_0 scores any pair it has not scored yet
+                new_Q |= ~np.isfinite(kept_Q2).all(axis=1)  # (file pairs; older checkpoints)
+            ref_Q2 = kept_reference_logps(self.reference, ref_params, batch, new_Q, kept_Q2,
+                                          reference_name=cfg.optune.reference)
             self.behavior_ref[prompt_idx] = ref_Q2
         else:
             ref_Q2 = self.reference(ref_params, batch.tokens, batch.attn, batch.resp)

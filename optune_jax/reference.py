@@ -90,16 +90,17 @@ class ReferenceLogps:
         return out
 
 
-def behavior_logps(reference: ReferenceLogps, params, batch: PairBatch, new_Q: np.ndarray,
-                   kept_Q2: np.ndarray) -> np.ndarray:
-    """BPO's behavior reference (SPEC §3, `optune.reference: behavior`): reference logps [Q, 2]
-    of the new pairs (`new_Q`) under `params` (π_t, which generated them), the kept pairs'
-    `kept_Q2` (logps under the policy π_t' that generated them, from iteration t')."""
+def kept_reference_logps(reference: ReferenceLogps, params, batch: PairBatch, new_Q: np.ndarray,
+                         kept_Q2: np.ndarray, *, reference_name: str = "behavior") -> np.ndarray:
+    """Reference logps [Q, 2] that a kept pair keeps (SPEC §3): the new pairs (`new_Q`) scored
+    under `params`, the kept ones' `kept_Q2` as they were. `behavior` (BPO): params = π_t, which
+    generated the new pairs, a kept pair's logps from the π_t' that generated it; `initial`:
+    params = π_0, which does not change, so a kept pair's logps are the same computed again."""
     out = np.array(kept_Q2, np.float32)
     if new_Q.any():
         out[new_Q] = reference(params, *(x[new_Q] for x in (batch.tokens, batch.attn, batch.resp)))
     if not np.isfinite(out).all():
         q = int(np.argmax(~np.isfinite(out).all(axis=1)))
         raise RunError(f"pair {q} was kept without reference logps from the iteration that "
-                       "generated it (optune.reference=behavior)")
+                       f"generated it (optune.reference={reference_name})")
     return out

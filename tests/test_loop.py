@@ -132,13 +132,40 @@ def test_a_run_killed_mid_iteration_resumes_to_the_same_parameters(
     assert (tmp_path / "b" / "run" / history).read_text() == (whole / history).read_text()
 
 
+def _spy_reference_and_training(run, keep):
+    """Lists filled as `run` goes: the pairs each reference pass scores, `keep(batch)` of
+    each batch the training phase gets."""
+    scored, kept = [], []
+    reference, train_phase = run.reference, run.trainer.train
+
+    def spy_reference(params, tokens, *rows, **kw):
+        scored.append(len(tokens))
+        return reference(params, tokens, *rows, **kw)
+
+    def spy_train(state, batch, t, **kw):
+        kept.append(keep(batch))
+        return train_phase(state, batch, t, **kw)
+
+    run.reference, run.trainer.train = spy_reference, spy_train
+    return scored, kept
+
+
 def test_reference_initial_keeps_pi0_logps(tmp_path):
-    run = OptuneRun(
-        micro_config(tmp_path, "optune.reference=initial", "optune.iterations=1", ONE_DEVICE),
-        progress=False,
-    )
+    """optune.reference=initial: every pair's reference logps are its logps under π_0, scored
+    once: at iteration 1 only the new pairs go through π_0, the kept ones keep theirs."""
+    run = OptuneRun(micro_config(tmp_path, "optune.reference=initial", ONE_DEVICE),
+                    progress=False)
     assert run.initial_params is not None
-    records = run.run()
+    reference = run.reference
+    scored, batches = _spy_reference_and_training(run, lambda batch: batch)
+    records = run.run()[1:]
+    pool = run.source.pool
+    new, tie = pool.iteration_P == 1, pool.rewards_P2[:, 0] == pool.rewards_P2[:, 1]
+    assert (pool.iteration_P == 0).any() and new.any()
+    assert scored == [records[0]["pairs"], int((new & ~tie).sum())]  # iteration 1: new only
+    for batch in batches:  # what training saw: the pairs' logps under π_0, computed afresh
+        want = reference(run.initial_params, batch.tokens, batch.attn, batch.resp)
+        np.testing.assert_allclose(batch.ref_logps, want, rtol=1e-5, atol=1e-4)
     run.close()
     assert records[-1]["train.loss"] > 0
 
@@ -266,18 +293,8 @@ def test_reference_behavior_keeps_each_pairs_generating_policy(tmp_path):
     it (π_0 here); only the new pairs are scored, under π_1."""
     run = OptuneRun(micro_config(tmp_path, "optune.reference=behavior", ONE_DEVICE),
                     progress=False)
-    scored, snapshots = [], []
-    reference, train_phase = run.reference, run.trainer.train
-
-    def spy_reference(params, tokens, *rows, **kw):
-        scored.append(len(tokens))
-        return reference(params, tokens, *rows, **kw)
-
-    def spy_train(state, batch, t, **kw):
-        snapshots.append((run.behavior_ref.copy(), batch.ref_logps.copy()))
-        return train_phase(state, batch, t, **kw)
-
-    run.reference, run.trainer.train = spy_reference, spy_train
+    scored, snapshots = _spy_reference_and_training(
+        run, lambda batch: (run.behavior_ref.copy(), batch.ref_logps.copy()))
     records = run.run()[1:]
     run.close()
     pool = run.source.pool
