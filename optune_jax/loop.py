@@ -110,7 +110,7 @@ class OptuneRun(Runner):
         self.source = make_source(cfg, self.policy, self.train_prompts, self.generate, self.score)
         # reference: behavior or initial, the logps [P, 2] (chosen, rejected) of each prompt's
         # pair under the policy that generated it, or under π_0: kept with the pair
-        self.behavior_ref = np.full((len(self.train_prompts.ids), 2), np.nan, np.float32)
+        self.kept_ref = np.full((len(self.train_prompts.ids), 2), np.nan, np.float32)
         self.reference = ReferenceLogps(
             spec,
             prompt_len=cfg.data.max_prompt_tokens,
@@ -166,7 +166,7 @@ class OptuneRun(Runner):
             rewards=p.rewards_P2,
             iteration=p.iteration_P,
             initial_eval=self.initial_eval,
-            behavior_ref=self.behavior_ref,
+            behavior_ref=self.kept_ref,  # the checkpoint key of older runs
         )
 
     def _restored(self, host: dict, meta: dict) -> None:
@@ -175,7 +175,7 @@ class OptuneRun(Runner):
             self.policy.pad_id,
         )
         self.initial_eval = np.asarray(host["initial_eval"])
-        self.behavior_ref = np.array(host["behavior_ref"])
+        self.kept_ref = np.array(host["behavior_ref"])
         self.totals = meta["totals"]
 
     def _meta(self) -> dict:
@@ -203,13 +203,13 @@ class OptuneRun(Runner):
         start = clock()
         ref_params = self.initial_params if cfg.optune.reference == "initial" else pi_t
         if cfg.optune.reference != "current":  # only the new pairs: kept ones keep theirs
-            kept_Q2 = self.behavior_ref[prompt_idx]
+            kept_Q2 = self.kept_ref[prompt_idx]
             new_Q = self.source.pool.iteration_P[prompt_idx] == t
             if cfg.optune.reference == "initial":  # π_0 scores any pair it has not scored yet
                 new_Q |= ~np.isfinite(kept_Q2).all(axis=1)  # (file pairs; older checkpoints)
             ref_Q2 = kept_reference_logps(self.reference, ref_params, batch, new_Q, kept_Q2,
                                           reference_name=cfg.optune.reference)
-            self.behavior_ref[prompt_idx] = ref_Q2
+            self.kept_ref[prompt_idx] = ref_Q2
         else:
             ref_Q2 = self.reference(ref_params, batch.tokens, batch.attn, batch.resp)
         batch = batch.replace(ref_logps=ref_Q2)

@@ -91,7 +91,7 @@ class ReferenceLogps:
 
 
 def kept_reference_logps(reference: ReferenceLogps, params, batch: PairBatch, new_Q: np.ndarray,
-                         kept_Q2: np.ndarray, *, reference_name: str = "behavior") -> np.ndarray:
+                         kept_Q2: np.ndarray, *, reference_name: str) -> np.ndarray:
     """Reference logps [Q, 2] that a kept pair keeps (SPEC §3): the new pairs (`new_Q`) scored
     under `params`, the kept ones' `kept_Q2` as they were. `behavior` (BPO): params = π_t, which
     generated the new pairs, a kept pair's logps from the π_t' that generated it; `initial`:

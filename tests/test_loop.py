@@ -294,7 +294,7 @@ def test_reference_behavior_keeps_each_pairs_generating_policy(tmp_path):
     run = OptuneRun(micro_config(tmp_path, "optune.reference=behavior", ONE_DEVICE),
                     progress=False)
     scored, snapshots = _spy_reference_and_training(
-        run, lambda batch: (run.behavior_ref.copy(), batch.ref_logps.copy()))
+        run, lambda batch: (run.kept_ref.copy(), batch.ref_logps.copy()))
     records = run.run()[1:]
     run.close()
     pool = run.source.pool
