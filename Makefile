@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train tiny test lint bench clean
+.PHONY: setup train train-ifeval tiny test lint bench clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY) (or run: make PY=python3.12 ...)"; exit 1; }
@@ -16,10 +16,15 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job on the embedded default model (SmolLM2-135M-Instruct, offline).
+# The main job on the embedded default model (SmolLM2-135M-Instruct, offline): a positive tone
+# for everyday situations, rewarded by VADER's sentiment score.
 # ARGS passes flags through, e.g. make train ARGS="--resume".
 ARGS ?= --overwrite
 train: $(STAMP)
+	$(BIN)/python -m optune_jax.train --config configs/smollm2_sentiment.yaml $(ARGS)
+
+# The second task: verifiable instruction following (IFEval-style constraints).
+train-ifeval: $(STAMP)
 	$(BIN)/python -m optune_jax.train --config configs/smollm2_ifeval.yaml $(ARGS)
 
 tiny: $(STAMP)

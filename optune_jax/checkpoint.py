@@ -10,10 +10,15 @@ ones aside (`<directory>.damaged/<step>`, nothing is deleted) and restores the n
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
+import errno
 import gc
 import json
+import logging
+import os
+import shutil
 import sys
 import threading
 import time
@@ -28,6 +33,7 @@ from optune_jax.errors import RunError, describe_os_error, file_error, one_line
 FILES = "optune_files.json"  # {relative path: size in bytes} of a complete step
 ITEMS = ("state", "host", "meta")  # the Composite's items, one directory each
 SETTLE_TIMEOUT_S = 60.0  # how long a failed save or restore waits for orbax's threads
+SETTLE_CALLBACKS_S = 1.0  # and then for tensorstore's callbacks of the failed writes
 
 
 @dataclasses.dataclass
@@ -41,6 +47,87 @@ class Restored:
     meta: dict | None = None
     damaged: list[tuple[int, str]] = dataclasses.field(default_factory=list)
     note: str = ""
+
+
+TRACEBACK = "Traceback (most recent call last):"
+CLOSED_LOOP = "RuntimeError: Event loop is closed"
+
+
+class _DropClosedLoop:
+    """sys.stderr without the tracebacks of tensorstore callbacks that outlive a failed orbax
+    write and find its event loop closed (one per pending array, printed from other threads
+    whenever they fire, up to the process's exit); every other line passes unchanged."""
+
+    def __init__(self, stream):
+        self.stream, self.pending, self.block = stream, "", None
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        while "\n" in self.pending:
+            line, self.pending = self.pending.split("\n", 1)
+            self._line(line + "\n")
+        if self.block is None and self.pending and not TRACEBACK.startswith(self.pending[:34]):
+            self.stream.write(self.pending)  # a partial line (a progress bar): now
+            self.pending = ""
+        return len(text)
+
+    def _line(self, line: str) -> None:
+        if self.block is not None:
+            if line[:1].isspace():
+                self.block.append(line)
+                return
+            block, self.block = self.block, None
+            if line.strip() != CLOSED_LOOP:
+                self.stream.write("".join(block) + line)
+        elif line.startswith(TRACEBACK):
+            self.block = [line]
+        else:
+            self.stream.write(line)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name):  # fileno, isatty, encoding, ... of the wrapped stream
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def _orbax_quiet():
+    """orbax's own reports of a failing write stay unprinted (its threads' absl ERROR lines with
+    tracebacks, and the closed-loop callbacks, which go on after the failure): it is reported
+    once, in our one line."""
+    absl = logging.getLogger("absl")
+    level, stderr = absl.level, sys.stderr
+    absl.setLevel(logging.CRITICAL)
+    if not isinstance(stderr, _DropClosedLoop):
+        sys.stderr = _DropClosedLoop(stderr)
+    try:
+        yield
+    except Exception:
+        time.sleep(SETTLE_CALLBACKS_S)  # most callbacks fire now, into the filter, which stays
+        atexit.register(_close_stderr)  # and those still pending at exit find no stderr
+        raise
+    else:
+        sys.stderr = stderr
+    finally:
+        absl.setLevel(level)
+
+
+def _close_stderr() -> None:
+    """At exit after a failed write, once our one line is out: file descriptor 2 to /dev/null,
+    for the callbacks that fire while the interpreter shuts down (past sys.stderr)."""
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """ENOSPC, or tensorstore's RESOURCE_EXHAUSTED for it (a ValueError naming os_error_code 28)."""
+    if isinstance(error, OSError):
+        return error.errno == errno.ENOSPC
+    text = str(error)
+    return "No space left on device" in text or "RESOURCE_EXHAUSTED" in text
 
 
 @contextlib.contextmanager
@@ -93,7 +180,7 @@ class Checkpoints:
     def save(self, step: int, *, state: Any, host: Any, meta: dict) -> None:
         path = self.directory / str(step)
         try:
-            with _settled_on_failure():  # nothing writes into the step once we return
+            with _orbax_quiet(), _settled_on_failure():  # nothing writes into the step after
                 self._manager.save(
                     step,
                     args=ocp.args.Composite(
@@ -113,8 +200,25 @@ class Checkpoints:
                 tmp.write_text(json.dumps(sizes, indent=0))
                 tmp.replace(path / FILES)
         except Exception as e:  # orbax and tensorstore raise OSError, ValueError and others
-            cause = describe_os_error(e) if isinstance(e, OSError) else one_line(e)
+            self._remove_partial(step)
+            if _is_disk_full(e):
+                cause = "no space left on device"
+            else:
+                cause = describe_os_error(e) if isinstance(e, OSError) else one_line(e)
             raise RunError(f"cannot write checkpoint {path}: {cause}") from e
+
+    def _remove_partial(self, step: int) -> None:
+        """Deletes what a failed save of `step` left: orbax's temporary directory, or the step
+        itself when its file list was never written (it would be skipped as damaged anyway)."""
+        if jax.process_index() != 0:
+            return
+        for left in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(left, ignore_errors=True)
+        final = self.directory / str(step)
+        if final.is_dir() and not (final / FILES).exists():
+            shutil.rmtree(final, ignore_errors=True)
+        with contextlib.suppress(Exception):
+            self._manager.reload()
 
     def problem(self, step: int) -> str | None:
         """Why step `step` is incomplete (None: every file is there at its saved size)."""

@@ -48,13 +48,18 @@ def random_architecture(r: RandomModel, tokenizer=None) -> ModelConfig:
     )
 
 
-def load_policy(cfg, mesh=None, rules=sharding.DEFAULT_RULES):
+def policy_tokenizer(model):
+    """The tokenizer of a config's `model` section (without loading any weights)."""
+    source = model.tokenizer or (SMOLLM2 if model.checkpoint == "random" else model.checkpoint)
+    return load_tokenizer(source)
+
+
+def load_policy(cfg, mesh=None, rules=sharding.DEFAULT_RULES, tokenizer=None):
     """(Policy, initial params) from a config's `model` section (and `run.seed`): a pretrained
     checkpoint or a random init. With a `mesh`, the parameters are created in (or copied
-    straight into) their shards."""
+    straight into) their shards. `tokenizer`: the model's, when already loaded."""
     model = cfg.model
-    tok_source = model.tokenizer or (SMOLLM2 if model.checkpoint == "random" else model.checkpoint)
-    tokenizer = load_tokenizer(tok_source)
+    tokenizer = tokenizer or policy_tokenizer(model)
     if model.checkpoint == "random":
         config = random_architecture(model.random, tokenizer)
         key = jax.random.key(cfg.run.seed)

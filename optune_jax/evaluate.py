@@ -8,11 +8,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from optune_jax import drift
+from optune_jax import drift, text_checks
 from optune_jax.generate import EXACT, Generator, is_exact
 from optune_jax.pairs import layout
 from optune_jax.reference import ReferenceLogps
-from optune_jax.scoring import ResponseScorer
+from optune_jax.scoring import ResponseScorer, part_means
 
 EVAL_SEED_OFFSET = 1_000_003  # held-out draws use their own stream, the same every iteration
 
@@ -38,13 +38,15 @@ class Evaluator:
     pad_id: int
 
     def __call__(self, params, *, initial: bool = False) -> tuple[np.ndarray, dict]:
-        """Held-out rewards [N] and the evaluation's record.
+        """Held-out rewards [N] (each prompt's mean over `eval.samples_per_prompt` samples) and
+        the evaluation's record.
 
-        Rewards, length and EOS rate come from one sample per prompt with the `sampling.*`
-        settings. With `eval.drift`: KL(π_t‖π_0) per token on exact samples of π_t (these same
-        samples when the settings are exact, else a draw at temperature 1 without truncation;
-        0 by definition for π_0 itself, `initial`), and π_t's greedy answers: their NLL under
-        π_0, EOS rate and length, and the first `eval.examples` of them as text.
+        Rewards, length, EOS rate, '!' per answer and (for rows with a `topic`) the on-topic
+        rate come from the samples drawn with the `sampling.*` settings. With `eval.drift`:
+        KL(π_t‖π_0) per token on exact samples of π_t (each prompt's first sample when the
+        settings are exact, else a draw at temperature 1 without truncation; 0 by definition for
+        π_0 itself, `initial`), and π_t's greedy answers: their NLL under π_0, EOS rate, length,
+        repetition, on-topic rate, and the first `eval.examples` of them as text.
         """
         e, s = self.cfg.eval, self.cfg.sampling
         draw = functools.partial(
@@ -54,24 +56,33 @@ class Evaluator:
             np.arange(len(self.prompts)),
             seed=self.cfg.run.seed + EVAL_SEED_OFFSET,
             iteration=0,
-            num_samples=1,
+            num_samples=e.samples_per_prompt,
             max_new=e.max_new_tokens,
             batch=e.batch_size,
             prefix=self.prefix,
         )
         gen = draw(desc="evaluate")
-        rewards = self.score(self.rows, gen.tokens, gen.lengths)[:, 0]
+        texts = self.score.decode(gen.tokens, gen.lengths)
+        rewards_NS, parts = self.score.score_texts(self.rows, texts, e.samples_per_prompt)
         record = {
-            "eval.reward": float(np.mean(rewards)),
+            "eval.reward": float(np.mean(rewards_NS, dtype=np.float64)),
+            "eval.prompts": len(self.prompts),
+            "eval.samples": e.samples_per_prompt,
+            **part_means("eval.reward", parts),
             "eval.eos_rate": float(np.mean(gen.finished)),
             "eval.response_tokens": float(np.mean(gen.lengths)),
+            "eval.exclamations": text_checks.exclamations(texts),
         }
+        topics = self._topics(e.samples_per_prompt)
+        if topics is not None:
+            record["eval.on_topic"] = text_checks.on_topic_rate(texts, topics)
+        rewards = rewards_NS.mean(axis=1)
         if not e.drift:
             return rewards, record
-        samples = gen
+        samples = gen.first(1)  # one exact sample per prompt for the KL estimate
         if not (is_exact(s) or initial):  # an unbiased KL estimate needs exact samples of π_t
-            samples = draw(desc="evaluate: KL samples", iteration=1, **EXACT)
-        greedy = draw(desc="evaluate: greedy", greedy=True)
+            samples = draw(desc="evaluate: KL samples", iteration=1, num_samples=1, **EXACT)
+        greedy = draw(desc="evaluate: greedy", greedy=True, num_samples=1)
         rows = layout(  # samples and greedy answers side by side: one π_0 pass for both
             self.prompts,
             np.concatenate([samples.tokens, greedy.tokens], axis=1),
@@ -82,8 +93,8 @@ class Evaluator:
         logp0 = self.reference(self.initial_params, *rows, summed=True)
         logp_t = samples.logps.sum(-1)[:, 0]  # the sampler's logps: π_t's own when exact
         kl = 0.0 if initial else drift.kl_per_token(logp_t, logp0[:, 0], samples.lengths[:, 0])
+        answers = self.score.texts(greedy.tokens[:, 0], greedy.lengths[:, 0])
         k = min(e.examples, len(self.prompts))
-        answers = self.score.texts(greedy.tokens[:k, 0], greedy.lengths[:k, 0])
         column = self.cfg.data.prompt_column
         record.update({
             "eval.kl_initial": kl,
@@ -93,12 +104,20 @@ class Evaluator:
             "eval.greedy_rep4": drift.seq_rep_n(
                 [t[:n] for t, n in zip(greedy.tokens[:, 0], greedy.lengths[:, 0], strict=True)]
             ),
+            **({"eval.greedy_on_topic": text_checks.on_topic_rate(answers, self._topics(1))}
+               if topics is not None else {}),
             "eval.examples": [
                 {"prompt": r[column], "answer": a}
-                for r, a in zip(self.rows[:k], answers, strict=True)
+                for r, a in zip(self.rows[:k], answers[:k], strict=True)
             ],
         })
         return rewards, record
+
+    def _topics(self, s: int) -> list[list[str]] | None:
+        """Each row's `topic` stems, repeated for its s answers; None unless every row has one."""
+        if not self.rows or not all(isinstance(r.get("topic"), list) for r in self.rows):
+            return None
+        return [r["topic"] for r in self.rows for _ in range(s)]
 
     @staticmethod
     def win_score(rewards_N: np.ndarray, initial_N: np.ndarray) -> float:

@@ -17,9 +17,15 @@ import numpy as np
 from losses import get_loss
 from models import export_hf_checkpoint
 from models.lora import init_lora, lora_logical_axes, merge
-from optune_jax import distributed, prompts, reward_history, selection, sharding
+from optune_jax import distributed, divergence, prompts, reward_history, selection, sharding
 from optune_jax import rewards as rewards_lib
-from optune_jax.components import build_mesh, build_optimizer, load_policy, lora_spec
+from optune_jax.components import (
+    build_mesh,
+    build_optimizer,
+    load_policy,
+    lora_spec,
+    policy_tokenizer,
+)
 from optune_jax.evaluate import Evaluator, mean_ci95
 from optune_jax.generate import Generator
 from optune_jax.hypo import OnlineSampleHook
@@ -47,7 +53,8 @@ def _one_line(r: dict) -> str:
         f"kept {r.get('reward_kept', nan):.3f}, {r['pairs']} pairs "
         f"({r['pairs_dropped_ties']} ties), "
         f"loss {r.get('train.loss', float('nan')):.4f} ({r['seconds.training']:.0f}s), "
-        f"held-out reward {r['eval.reward']:.4f}, win score {r['eval.win_score']:.1f}"
+        f"held-out reward {r['eval.reward']:.4f} (gain {r.get('eval.reward_gain', nan):+.3f} ± "
+        f"{r.get('eval.reward_gain_ci95', nan):.3f}, 95 %), win score {r['eval.win_score']:.1f}"
         + (
             f", KL to π_0 {r['eval.kl_initial']:.3f}, NLL under π_0 {r['eval.nll_initial']:.2f}"
             if "eval.kl_initial" in r
@@ -65,6 +72,10 @@ class OptuneRun(Runner):
         # everything that can be wrong is checked before anything is written
         self.cfg = cfg
         from_file = pairs_from_file(cfg)
+        tokenizer = policy_tokenizer(cfg.model)  # the data is read before the weights load
+        self.train_prompts, self.eval_prompts = prompts.load_prompts(
+            cfg, tokenizer, pair_files=from_file
+        )
         self.mesh, self.rules = build_mesh(cfg.mesh)
         reward_fn = rewards_lib.make_reward(  # a reward model is laid out like the policy
             cfg.reward,
@@ -73,12 +84,8 @@ class OptuneRun(Runner):
             mesh=self.mesh,
             rules=self.rules,
         )
-        self.policy, params = load_policy(cfg, self.mesh, self.rules)
+        self.policy, params = load_policy(cfg, self.mesh, self.rules, tokenizer)
         param_shardings = jax.tree.map(lambda x: x.sharding, params)
-        tokenizer = self.policy.tokenizer
-        self.train_prompts, self.eval_prompts = prompts.load_prompts(
-            cfg, tokenizer, pair_files=from_file
-        )
         spec = PolicySpec(self.policy.config, cfg.model.dtype, cfg.model.remat,
                           cfg.loss.average_logps, cfg.model.attention)
         t = cfg.train
@@ -106,7 +113,7 @@ class OptuneRun(Runner):
         self.guard = NonFiniteGuard(t.max_skipped_steps)
         # the phases
         self.generate = Generator(cfg, self.policy, self.mesh, self.rules, progress)
-        self.score = ResponseScorer(cfg.reward.name, tokenizer, reward_fn)
+        self.score = ResponseScorer(cfg.reward.name, tokenizer, reward_fn, cfg.data.prompt_column)
         self.source = make_source(cfg, self.policy, self.train_prompts, self.generate, self.score)
         # reference: behavior or initial, the logps [P, 2] (chosen, rejected) of each prompt's
         # pair under the policy that generated it, or under π_0: kept with the pair
@@ -239,16 +246,26 @@ class OptuneRun(Runner):
         timers["evaluation"] = clock() - start
         if self.history is not None:  # D_t's rewards per prompt, before the metrics line
             self.history.write(reward_history.record(self.source.pool, t))
-        return {
+        record = {
             **record,
             **{f"seconds.{k}": v for k, v in timers.items()},
             **{f"train.{k}": v for k, v in train_metrics.items()},
             **eval_record,
             "eval.win_score": Evaluator.win_score(eval_rewards, self.initial_eval),
             # the gain over π_0, paired per prompt: how far one evaluation can be trusted
+            "eval.reward_gain": float(np.mean(eval_rewards - self.initial_eval, dtype=np.float64)),
             "eval.reward_gain_ci95": mean_ci95(eval_rewards - self.initial_eval),
             **{f"total.{k}": v for k, v in self.totals.items()},
         }
+        why = divergence.reasons(record, self._initial_record(), cfg.eval)
+        if why:
+            record["diverged"] = why
+            self._say(f"warning: iteration {t} diverged: {'; '.join(why)}")
+        return record
+
+    def _initial_record(self) -> dict:
+        """The evaluation of π_0 (metrics.jsonl's iteration -1)."""
+        return next(r for r in self.log.read() if r["iteration"] == -1)
 
     def _count(self, counts: dict, seconds: float) -> None:
         for key in COUNTED:
@@ -265,8 +282,9 @@ class OptuneRun(Runner):
         export_hf_checkpoint(params, self.policy.config, path, tokenizer=self.policy.tokenizer)
 
     def close(self) -> None:
-        if self.history is not None:
+        if getattr(self, "history", None) is not None:  # (not yet there if the start failed)
             self.history.close()
+            self.history = None
         super().close()
 
     def describe_data(self) -> str:

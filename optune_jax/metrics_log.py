@@ -79,10 +79,9 @@ class MetricsLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if resume_after is not None and self.path.exists():
                 records, _ = read_records(self.path)
-                kept = [r for r in records if 0 <= resume_after and r["iteration"] <= resume_after]
-                tmp = self.path.with_suffix(".tmp")
-                tmp.write_text("".join(self._line(r) for r in kept))
-                tmp.replace(self.path)
+                self.rewrite(
+                    [r for r in records if 0 <= resume_after and r["iteration"] <= resume_after]
+                )
             if not tensorboard:
                 return
             from tensorboardX import SummaryWriter
@@ -117,6 +116,17 @@ class MetricsLog:
                 ):
                     self._tb.add_scalar(key.replace(".", "/"), value, step)
             self._tb.flush()
+        except OSError as e:
+            raise file_error("write", self.path, e) from None
+
+    def rewrite(self, records: list[dict]) -> None:
+        """Replaces the file with `records`, one line each (written beside it, then renamed)."""
+        if not self.enabled:
+            return
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            tmp.write_text("".join(self._line(r) for r in records))
+            tmp.replace(self.path)
         except OSError as e:
             raise file_error("write", self.path, e) from None
 

@@ -24,7 +24,7 @@ from optune_jax.errors import RunError
 from optune_jax.generate import Generator
 from optune_jax.pairs import layout, pair_batch
 from optune_jax.prompts import PromptSet
-from optune_jax.scoring import ResponseScorer
+from optune_jax.scoring import ResponseScorer, part_means
 
 _FITS = {  # which losses each mode can feed: (needs samples, needs rewards, rewarded) -> ok
     "optune": lambda s, rewarded: not s.needs_samples,
@@ -149,9 +149,11 @@ class SampledPairs(PairSource):
         timers["generation"] = clock() - start
         # 3. reward the new responses
         start = clock()
-        new_rewards = np.zeros((0, s), np.float32)
+        new_rewards, parts = np.zeros((0, s), np.float32), {}
         if len(idx):
-            new_rewards = self.score([self.prompts.rows[i] for i in idx], gen.tokens, gen.lengths)
+            new_rewards, parts = self.score.score_parts(
+                [self.prompts.rows[i] for i in idx], gen.tokens, gen.lengths
+            )
             # TRL's missing_eos_penalty: a response cut at the budget loses this much reward
             new_rewards -= cfg.reward.missing_eos_penalty * ~gen.finished
         timers["reward"] = clock() - start
@@ -182,5 +184,6 @@ class SampledPairs(PairSource):
             "reward_spread_new": float(np.mean(np.ptp(new_rewards, axis=1), dtype=np.float64))
             if len(idx)
             else float("nan"),
+            **part_means("reward_new", parts),  # a weighted reward's components, unpenalised
         }
         return batch, prompt_idx, record

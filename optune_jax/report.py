@@ -43,8 +43,16 @@ def load_run(path: Path) -> dict:
         lines, _ = read_records(path / reward_history.FILE)  # a torn last line left out
         lines = [h for h in lines if h["iteration"] < len(iters)]
         history = reward_history.arrays(lines) if lines else None
+    planned = flat.get("optune.iterations", len(iters))
     return dict(path=path, flat=flat, seed=flat.get("run.seed", 0), initial=records[0],
-                iters=iters, history=history)
+                iters=iters, history=history, planned=planned)
+
+
+def unfinished(runs: list[dict]) -> list[str]:
+    """One line per run that stopped before its planned iterations: its "final" is earlier."""
+    return [f"{r['path']} is unfinished: {len(r['iters'])} of {r['planned']} iterations; its "
+            f"final figures are after iteration {len(r['iters']) - 1}"
+            for r in runs if len(r["iters"]) < r["planned"]]
 
 
 def group(runs: list[dict], ignore=()) -> list[study.Group]:
@@ -352,6 +360,9 @@ def main(argv=None) -> int:
     if not runs:
         print("error: none of the runs has a completed iteration", file=sys.stderr)
         return 2
+    partial = unfinished(runs)
+    for line in partial:
+        print(f"note: {line}", file=sys.stderr)
     groups = group(runs, args.ignore)
     against = study.default_baselines(groups) if args.against is None else args.against
     try:
@@ -362,7 +373,8 @@ def main(argv=None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     files = plot(groups, args.out)
-    text = "\n\n".join(x for x in (table(groups), differences(groups, against),
+    notes = "\n".join(f"Note: {line}." for line in partial)
+    text = "\n\n".join(x for x in (notes, table(groups), differences(groups, against),
                                     gain_table(groups)) if x)
     body = text + "\n\n" + "\n".join(f"![{f}]({f})" for f in files) + "\n"
     (args.out / "report.md").write_text(body)

@@ -114,9 +114,23 @@ class OptuneSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class RewardComponent:
+    """One term of a weighted reward (reward.name: weighted)."""
+
+    name: str = ""  # a built-in, "model" (with path) or package.module:function
+    path: str | None = None  # read only by name "model"
+    weight: float = 1.0
+    label: str | None = None  # its metrics' name; None: the name (the function's, if imported)
+
+
+@dataclasses.dataclass(frozen=True)
 class RewardSection:
-    name: str = "ifeval"  # checked against the reward registry by the loop
+    # a built-in (ifeval, sentiment, tiny), "model" (a reward model at `path`), "weighted" (the
+    # sum over `components`) or any callable (rows, responses) -> scores as package.module:function;
+    # checked by `rewards.make_reward` before the model loads
+    name: str = "ifeval"
     path: str | None = None  # read only by name "model": a reward-model checkpoint directory
+    components: tuple[RewardComponent, ...] = ()  # read only by name "weighted"
     # subtracted from the reward of a training response cut at the budget without an EOS
     # (TRL's missing_eos_penalty); held-out rewards are never penalised
     missing_eos_penalty: float = option(0.0, range=NON_NEGATIVE)
@@ -171,6 +185,15 @@ class EvalSection:
     # π_0 of π_t's greedy answers (one more greedy pass and one π_0 forward per evaluation)
     drift: bool = True
     examples: int = option(3, range=NON_NEGATIVE)  # greedy answers summary.md shows, before/after
+    # samples per held-out prompt: the reward and the paired gain are means over them (the gain's
+    # interval narrows with them); the KL estimate uses the first
+    samples_per_prompt: int = option(1, range=POSITIVE)
+    # a warning line for an iteration that collapses (`divergence.reasons`): the held-out reward
+    # falls beyond noise, or drift from π_0 passes these limits (nats per token)
+    divergence: bool = True
+    max_loss_ratio: float = option(10.0, range=POSITIVE)  # × the first step's loss (>= log 2)
+    max_kl: float = option(1.0, range=POSITIVE)  # KL(π_t‖π_0) per token
+    max_nll_rise: float = option(1.0, range=POSITIVE)  # greedy answers' NLL under π_0, − π_0's
 
 
 @dataclasses.dataclass(frozen=True)

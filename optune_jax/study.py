@@ -71,6 +71,15 @@ def resolved(mean: float, half: float) -> bool:
     return math.isfinite(half) and abs(mean) > half
 
 
+def _hashable(v: Any) -> Any:
+    """Lists as tuples and mappings as sorted (key, value) tuples, all the way down."""
+    if isinstance(v, list):
+        return tuple(_hashable(x) for x in v)
+    if isinstance(v, dict):
+        return tuple(sorted((k, _hashable(x)) for k, x in v.items()))
+    return v
+
+
 def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
     """{"section.key": value} of a nested config dict; lists become tuples (hashable)."""
     out = {}
@@ -78,7 +87,7 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
         if isinstance(v, dict):
             out.update(flatten(v, f"{prefix}{k}."))
         else:
-            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+            out[f"{prefix}{k}"] = _hashable(v)
     return out
 
 

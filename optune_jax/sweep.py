@@ -132,9 +132,7 @@ def main(argv=None) -> int:
         from optune_jax.train import summary_table
 
         try:
-            run = OptuneRun(
-                cfg, resume=(out / "config.yaml").exists(), progress=not args.no_progress
-            )
+            run = OptuneRun(cfg, resume="auto", progress=not args.no_progress)
             try:
                 write_summary(out, summary_table(run.run()))
             finally:

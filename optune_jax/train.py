@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+import numpy as np
+
+from optune_jax import run_plot
 from optune_jax.cli import Trainer
 from optune_jax.schema import RunConfig
 
@@ -29,7 +33,16 @@ def summary_table(records: list[dict]) -> str:
             f"{last['eval.reward'] - before['eval.reward']:+.3f} ± "
             f"{last['eval.reward_gain_ci95']:.3f}")] if "eval.reward_gain_ci95" in last else []),
         ("win score vs initial policy (SPEC §6)", "50.0", f"{last['eval.win_score']:.1f}"),
+        *[(f"held-out reward: component {k.removeprefix('eval.reward.')}", *both(k, ".4f"))
+          for k in sorted(last) if k.startswith("eval.reward.")],
     ]
+    if "eval.on_topic" in last:  # rows with a `topic`: does the answer still name its subject?
+        rows.append(("samples that name their prompt's subject", *both("eval.on_topic", ".0%")))
+    if "eval.greedy_on_topic" in last:
+        rows.append(("greedy answers that name their prompt's subject",
+                     *both("eval.greedy_on_topic", ".0%")))
+    if "eval.exclamations" in last:
+        rows.append(("'!' per sample", *both("eval.exclamations", ".2f")))
     if "eval.kl_initial" in last:  # eval.drift
         rows += [
             ("KL(π_t ‖ π_0) per token, on samples", *both("eval.kl_initial", ".3f")),
@@ -56,6 +69,33 @@ def summary_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def headline(records: list[dict], out: Path) -> str:
+    """The run in one line of words: held-out reward before → after, the paired gain with its 95 %
+    interval and whether it excludes 0, drift from π_0, and where the answers and the plot are."""
+    before = next(r for r in records if r["iteration"] == -1)
+    last = max((r for r in records if r["iteration"] >= 0), key=lambda r: r["iteration"])
+    gain, half = last["eval.reward"] - before["eval.reward"], last.get("eval.reward_gain_ci95")
+    words = f"held-out reward {before['eval.reward']:.3f} → {last['eval.reward']:.3f}"
+    if half is not None and np.isfinite(half):
+        over = ""
+        if "eval.prompts" in last:
+            over = f", paired over {last['eval.prompts']} prompts × {last['eval.samples']} samples"
+        verdict = "beyond noise" if abs(gain) > half else "within noise: the interval includes 0"
+        words += f", {gain:+.3f} ± {half:.3f} (95 %{over}; {verdict})"
+    if "eval.kl_initial" in last:
+        words += (f"; KL to π_0 {last['eval.kl_initial']:.2f} nats/token, NLL of greedy answers "
+                  f"under π_0 {last['eval.nll_initial'] - before['eval.nll_initial']:+.2f}")
+    if "eval.on_topic" in last:
+        words += f", on topic {before['eval.on_topic']:.0%} → {last['eval.on_topic']:.0%}"
+    shown = "greedy answers above, " if last.get("eval.examples") else ""
+    diverged = [r for r in records if r.get("diverged")]
+    if diverged:  # the exported model is that policy: never without saying so
+        first = min(diverged, key=lambda r: r["iteration"])
+        words = (f"DIVERGED at iteration {first['iteration']} ({'; '.join(first['diverged'])}): "
+                 f"the final policy went on from there; {words}")
+    return f"In words: {words}; {shown}curves in {out / run_plot.FILE}."
+
+
 def _cell(text: str) -> str:
     """`text` inside one Markdown table cell (pipes escaped, line breaks kept as <br>)."""
     return text.strip().replace("|", "\\|").replace("\n", "<br>") or "(empty)"
@@ -65,6 +105,7 @@ TRAINER = Trainer(
     "python -m optune_jax.train",
     "Online preference tuning with OPTune (reward-based regeneration + wDPO).",
     RunConfig, "optune_jax.loop:OptuneRun", summary_table, "transformers model",
+    headline=headline, plot=run_plot.plot_run,
 )
 
 main = TRAINER.main

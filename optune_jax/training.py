@@ -124,6 +124,8 @@ class PolicyTrainer:
             before_step=self._prepare(before_step),
         )
         out = sums.means()
-        # the first step of a phase: with reference π_t, margins (and the KL) are exactly 0
-        out.update({f"first.{m}": float(first[m]) for m in ("margin", "kl") if m in first})
+        # the first step of a phase: with reference π_t, margins (and the KL) are exactly 0; its
+        # loss is the yardstick of `divergence.reasons`
+        out.update({f"first.{m}": float(first[m]) for m in ("margin", "kl", "loss")
+                    if m in first})
         return state, out

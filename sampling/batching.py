@@ -121,6 +121,11 @@ class Generation:
     max_cache_bytes: int
     shapes: set[tuple[int, int, int]]  # the (batch, prompt length, packed lines) run
 
+    def first(self, k: int) -> Generation:
+        """The first k responses of each prompt (the cost accounting unchanged)."""
+        return dataclasses.replace(self, tokens=self.tokens[:, :k], lengths=self.lengths[:, :k],
+                                   finished=self.finished[:, :k], logps=self.logps[:, :k])
+
 
 def sample_prompts(
     params,

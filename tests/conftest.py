@@ -88,6 +88,11 @@ GROUPS = {
     "tests/test_loop.py::test_failures_inside_the_checkpoint": "uninterrupted",
     "tests/test_loop.py::test_a_truncated_newest_checkpoint": "uninterrupted",
     "tests/test_loop.py::test_a_half_written_checkpoint": "uninterrupted",
+    "tests/test_operations.py::test_a_full_disk": "uninterrupted",
+    "tests/test_operations.py::test_a_signal_mid_iteration": "uninterrupted",
+    "tests/test_operations.py::test_a_line_lost": "uninterrupted",
+    "tests/test_operations.py::test_the_report_says": "uninterrupted",
+    "tests/test_operations.py::test_a_damaged_checkpoint": "uninterrupted",
 }
 LONGEST_FIRST = (
     "tests/test_loop.py::test_tiny_config_learns_and_accounts_for_generation",
@@ -125,3 +130,21 @@ def pytest_xdist_make_scheduler(config, log):
             return next((g for p, g in GROUPS.items() if nodeid.startswith(p)), nodeid)
 
     return GroupsThenLoad(config, log)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+    """test_loop's micro run from start to end: (its final parameters, its output directory).
+    Its users form one group in GROUPS: one run for them all under pytest-xdist."""
+    import jax
+
+    from optune_jax.loop import OptuneRun
+
+    from .test_loop import micro_config
+
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    run = OptuneRun(micro_config(tmp), progress=False)
+    run.run()
+    params = jax.device_get(run.state.params)
+    run.close()
+    return params, tmp / "run"

@@ -113,3 +113,32 @@ def test_mean_ci95_is_the_normal_interval_of_the_mean():
     assert evaluate.mean_ci95(x) == pytest.approx(1.96 * sd / 5**0.5)
     assert evaluate.mean_ci95(np.zeros(48)) == 0.0
     assert np.isnan(evaluate.mean_ci95(np.array([0.3])))
+
+
+def test_evaluation_averages_several_samples_and_logs_reward_components(tmp_path):
+    """eval.samples_per_prompt: each held-out prompt's reward is the mean of its samples; a
+    weighted reward's components are logged for the held-out and the new training responses
+    (linear: the total's mean is the weighted sum of theirs); topic rows get the on-topic rate."""
+    run = OptuneRun(
+        micro_config(
+            tmp_path, "eval.samples_per_prompt=3", "eval.drift=true", ONE_DEVICE,
+            "data.train_files=[data/sentiment/train.jsonl]",
+            "data.eval_files=[data/sentiment/heldout.jsonl]",
+            "reward.name=weighted",
+            "reward.components=[{name: sentiment}, {name: tiny, weight: 0.5}]",
+        ),
+        progress=False,
+    )
+    rewards, record = run.evaluate(run.policy_params())
+    _, record_again = run.evaluate(run.policy_params())
+    assert rewards.shape == (4,) and record["eval.samples"] == 3 and record["eval.prompts"] == 4
+    assert record["eval.reward"] == pytest.approx(float(np.mean(rewards)))
+    want = record["eval.reward.sentiment"] + 0.5 * record["eval.reward.tiny"]
+    assert record["eval.reward"] == pytest.approx(want, abs=1e-6)
+    assert 0.0 <= record["eval.on_topic"] <= 1.0 and 0.0 <= record["eval.greedy_on_topic"] <= 1.0
+    assert record["eval.exclamations"] >= 0.0
+    assert record_again["eval.reward"] == record["eval.reward"]  # the held-out draws repeat
+    _, _, pairs = run.source.pairs(0, run.policy_params(), {})
+    run.close()
+    want = pairs["reward_new.sentiment"] + 0.5 * pairs["reward_new.tiny"]
+    assert pairs["reward_new"] == pytest.approx(want, abs=1e-6)  # S = 2: both samples' mean
