@@ -157,7 +157,9 @@ def _one(section, *, prompt_column, dtype, mesh, rules, where: str = "reward") -
             section.path, prompt_column=prompt_column, dtype=dtype, mesh=mesh, rules=rules
         )
     if section.path is not None:
-        raise ValueError(f"{where}.path is read only with name=model, not {section.name!r}")
+        raise ValueError(
+            f"{where}.path is read only with {where}.name=model, not {section.name!r}"
+        )
     if section.name == WEIGHTED:
         raise ValueError(f"{where}.name={WEIGHTED!r} cannot be a component of itself")
     return get_reward(section.name)
@@ -182,7 +184,7 @@ def make_reward(
             )
         return _one(section, **kw)
     if section.path is not None:
-        raise ValueError(f"reward.path is read only with name=model, not {WEIGHTED!r}")
+        raise ValueError(f"reward.path is read only with reward.name=model, not {WEIGHTED!r}")
     if not components:
         raise ValueError(
             f"reward.name={WEIGHTED} needs reward.components, e.g. "

@@ -36,7 +36,7 @@ from optune_jax.rm_data import (
     score_all,
 )
 from optune_jax.rm_training import rm_train_step
-from optune_jax.schema import RewardSection
+from optune_jax.schema import RewardComponent, RewardSection
 from optune_jax.train_step import TrainState, make_optimizer
 
 PAD = 0
@@ -293,6 +293,14 @@ def test_model_reward_scores_the_chat_conversation(tmp_path):
     )
     assert len(on_mesh.params["embed"]["embedding"].sharding.device_set) == 8
     np.testing.assert_allclose(on_mesh(rows, responses), got, atol=1e-5)
+    # a learned reward as one component of a weighted sum
+    weighted = rewards.make_reward(RewardSection(name="weighted", components=(
+        RewardComponent(name="model", path=str(path), weight=2.0, label="rm"),
+        RewardComponent(name="tiny", weight=1.0),
+    )))
+    total, parts = rewards.score_parts("weighted", rows, responses, fn=weighted)
+    np.testing.assert_allclose(parts["rm"], got, atol=1e-6)
+    np.testing.assert_allclose(total, 2.0 * got + rewards.tiny_reward(rows, responses), atol=1e-5)
     with pytest.raises(ValueError, match="reward.name=model needs reward.path"):
         rewards.make_reward(RewardSection(name="model"))
     with pytest.raises(ValueError, match="reward.path is read only with reward.name=model"):

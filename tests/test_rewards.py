@@ -246,7 +246,8 @@ def test_weighted_sum_of_builtin_and_user_rewards(user_module):
         (RewardSection(name="weighted", components=(RewardComponent(name="model"),)),
          r"reward.components\[0\].name=model needs reward.components\[0\].path"),
         (RewardSection(name="weighted", components=(RewardComponent(name="tiny", path="x"),)),
-         r"reward.components\[0\].path is read only with name=model, not 'tiny'"),
+         r"reward.components\[0\].path is read only with reward.components\[0\].name=model, "
+         r"not 'tiny'"),
         (RewardSection(name="weighted", components=(RewardComponent(name="nope:f"),)),
          r"cannot import module 'nope'"),
     ],
