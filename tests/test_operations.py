@@ -241,6 +241,7 @@ def test_a_failing_user_reward_stops_in_one_line_and_checkpoints_nothing(tmp_pat
         "def score(rows, responses):\n"
         "    return [float('nan') if i == 3 else 0.5 for i, _ in enumerate(responses)]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flaky_reward", raising=False)
     out = tmp_path / "run"
     _fails(capsys, _micro_argv(out, ONE_DEVICE, "reward.name=flaky_reward:score"),
            "error: reward 'flaky_reward:score': score nan for response 3 is not finite (prompt: ")

@@ -1,6 +1,7 @@
 """The README's bring-your-own-reward example works as written: its module and its config."""
 
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ def test_the_readme_reward_example_runs(tmp_path, monkeypatch):
     assert python.startswith("# my_rewards.py\n") and len(python.splitlines()) <= 10
     (tmp_path / "my_rewards.py").write_text(python)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_rewards", raising=False)  # test_rewards' module
     path = tmp_path / "c.yaml"
     path.write_text(config)
     cfg = load_config(path)

@@ -1,6 +1,7 @@
 """The reward interface: built-ins, user callables, weighted sums, output checks, the tiny and
 sentiment rewards."""
 
+import sys
 import textwrap
 
 import numpy as np
@@ -152,7 +153,9 @@ NOT_CALLABLE = 3
 def user_module(tmp_path, monkeypatch):
     (tmp_path / "my_rewards.py").write_text(textwrap.dedent(USER_MODULE))
     (tmp_path / "broken_rewards.py").write_text("import not_a_module_anywhere\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path))  # (also invalidates the import caches)
+    for name in ("my_rewards", "broken_rewards"):  # another test's module of the same name
+        monkeypatch.delitem(sys.modules, name, raising=False)
     return "my_rewards"
 
 
