@@ -1,4 +1,4 @@
-"""Host cost of one OPTune selection step at the paper's scale (SPEC §7: 48k prompts, 512 tokens).
+"""Host cost of one OPTune selection step at the paper's scale (design §7: 48k prompts, 512 tokens).
 
 Times ranking + selecting, update_pool and build_pairs for each rho and prints a table.
 Usage: python benchmarks/selection.py [--prompts 48000] [--max-len 512] [--repeats 5]

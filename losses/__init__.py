@@ -1,4 +1,5 @@
-"""Preference-tuning losses: sequence logps (SPEC §1), pairwise losses (§2), HyPO's KL term (§5)."""
+"""Preference-tuning losses: sequence logps (design §1), pairwise losses (§2), HyPO's KL term
+(§5)."""
 
 from losses.kl import hypo_loss, kl_surrogate
 from losses.logps import packed_sequence_logps, sequence_logps, shift_labels, token_logps

@@ -1,4 +1,4 @@
-"""HyPO's KL regulariser on online samples (SPEC §5) and the HyPO loss (SPEC §2).
+"""HyPO's KL regulariser on online samples (design §5) and the HyPO loss (design §2).
 
 Samples come as [P, S]: S responses y ~ π_θ(· | x) for each of P prompts, with their sequence logps
 under the policy (differentiable) and the reference.
@@ -52,7 +52,7 @@ def kl_surrogate(
         baseline_PS = others_sum_PS / (num_samples - 1)
     else:
         baseline_PS = jnp.zeros_like(logratio_PS)
-    # Score-function form ∇KL = E[ℓ · ∇ log π_θ] (SPEC §5), RLOO baseline per HyPO's "k for RLOO".
+    # Score-function form ∇KL = E[ℓ · ∇ log π_θ] (design §5), RLOO baseline per HyPO's "k for RLOO".
     advantage_PS = jax.lax.stop_gradient(logratio_PS - baseline_PS)
     surrogate_P = jnp.mean(advantage_PS * policy_PS, axis=1)
     metrics = {
@@ -95,4 +95,4 @@ def hypo_loss(
     surrogate, kl_metrics = kl_surrogate(sample_policy_logps_PS, sample_reference_logps_PS,
                                          mask_P=sample_mask_P)
     metrics = {**dpo_metrics, **kl_metrics, "dpo_loss": dpo, "kl_surrogate": surrogate}
-    return dpo + lam * surrogate, metrics  # SPEC §2, HyPO row
+    return dpo + lam * surrogate, metrics  # design §2, HyPO row

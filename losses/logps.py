@@ -1,4 +1,4 @@
-"""Sequence log-probabilities, the unit every loss consumes (SPEC §1).
+"""Sequence log-probabilities, the unit every loss consumes (design §1).
 
 Convention: `logits_BTV[:, t]` is the distribution for `labels_BT[:, t]`; the caller has aligned
 them (`shift_labels` does it for logits computed on the full token sequence). Math is float32.
@@ -45,7 +45,7 @@ def token_logps(logits_BTV: jax.Array, labels_BT: jax.Array) -> jax.Array:
     chex.assert_rank(logits_BTV, 3)
     chex.assert_rank(labels_BT, 2)
     chex.assert_equal_shape_prefix([logits_BTV, labels_BT], 2)
-    # float32: a bf16 log-softmax over the vocabulary loses the signal (SPEC §1).
+    # float32: a bf16 log-softmax over the vocabulary loses the signal (design §1).
     logits_BTV = logits_BTV.astype(jnp.float32)
     # logit[label] − logsumexp: two reductions, no [B, T, V] log-softmax array.
     label_logits_BT = jnp.take_along_axis(logits_BTV, labels_BT[..., None], axis=-1)[..., 0]
@@ -59,7 +59,7 @@ def sequence_logps(
     *,
     average: bool = False,
 ) -> jax.Array:
-    """Sequence log-probabilities log π(y | x) over response tokens (SPEC §1).
+    """Sequence log-probabilities log π(y | x) over response tokens (design §1).
 
     Args:
       logits_BTV: aligned logits (see `token_logps`), any float dtype.
@@ -92,7 +92,7 @@ def packed_sequence_logps(
     *,
     average: bool = False,
 ) -> jax.Array:
-    """`sequence_logps` of packed targets (SPEC §1): J logits and labels in any order, each
+    """`sequence_logps` of packed targets (design §1): J logits and labels in any order, each
     belonging to sequence `seq_J` in [0, num_seqs) or to none (-1, filler).
 
     Returns float32 `logps_N` [num_seqs]; a sequence without targets gives 0.

@@ -1,4 +1,4 @@
-"""Pairwise preference losses (SPEC §2) and the Bradley–Terry reward-model loss.
+"""Pairwise preference losses (design §2) and the Bradley–Terry reward-model loss.
 
 Inputs are per-pair arrays of shape [B]: policy and reference logps of the chosen (y_w) and rejected
 (y_l) responses. Every loss returns `(loss, metrics)`: `loss` is the mean over counted pairs of
@@ -79,7 +79,7 @@ def _pairs(
 
 
 def _reduce(pair_losses_B: jax.Array, pairs: _Pairs) -> tuple[jax.Array, Metrics]:
-    # SPEC §2: weight times per-pair loss, then the mean over counted pairs.
+    # design §2: weight times per-pair loss, then the mean over counted pairs.
     mean = lambda x_B: masked_mean(x_B, pairs.mask_B)
     margin_B = pairs.margin_B
     metrics = {
@@ -178,7 +178,7 @@ def ipo_loss(
 ) -> tuple[jax.Array, Metrics]:
     """IPO loss (h/β − 1/(2β))², minimal where the unscaled log-ratio margin h/β equals 1/(2β).
 
-    Arguments and metrics as `dpo_loss`. IPO is usually run on per-token averaged logps (SPEC §1).
+    Arguments and metrics as `dpo_loss`. IPO is usually run on per-token averaged logps (design §1).
     """
     pairs = _pairs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                    reference_rejected_logps, beta=beta, weights=weights, mask=mask)

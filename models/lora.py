@@ -1,7 +1,7 @@
 """Low-rank adapters (LoRA, Hu et al. 2021) as pure functions of the parameter tree.
 
 An adapter adds (alpha / rank) · A @ B to a projection kernel W. `num_adapters` > 1 is BPO's
-ensemble (SPEC §3): adapters trained on the same pairs, sampled from through their merge, which
+ensemble (design §3): adapters trained on the same pairs, sampled from through their merge, which
 is the exact mean of their weight updates, W + mean_e (alpha / rank) · A_e @ B_e.
 
 Kernels keep the model's layout (layers stacked on axis 0): q/k/v [L, D, n, H] (input D),

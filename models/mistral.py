@@ -117,7 +117,7 @@ class Transformer(nn.Module):
 
 
 def positions_from_mask(mask_BT: jax.Array) -> jax.Array:
-    """Token positions counted over real tokens only, so padding never shifts RoPE (SPEC §1)."""
+    """Token positions counted over real tokens only, so padding never shifts RoPE (design §1)."""
     return jnp.maximum(jnp.cumsum(mask_BT.astype(jnp.int32), axis=-1) - 1, 0)
 
 
@@ -195,7 +195,7 @@ def forward_packed(
 
     Each line holds segments end to end (`segment_GW`, -1 on padding); a segment is a trunk
     (`branch_GW` 0, e.g. a prompt) and branches (1, 2, ...: its responses) that see the trunk
-    and themselves only, at positions `pos_GW` continuing from the trunk (SPEC §1).
+    and themselves only, at positions `pos_GW` continuing from the trunk (design §1).
     `attention` picks the attention kernel (`models.attention.choose_attention`).
     """
     allowed = packed_allowed(segment_GW, branch_GW, pos_GW, config.sliding_window)

@@ -1,7 +1,7 @@
 """Typed batches of the train steps: preference pairs and HyPO's online samples.
 
-Every field carries its shape after the leading batch axes `*B` (letters: README, "Axis
-letters"): [Q] for all pairs of D_t on the host, [A, M] for one optimizer step (A micro-batches
+Every field carries its shape after the leading batch axes `*B` (letters: design §11): [Q] for
+all pairs of D_t on the host, [A, M] for one optimizer step (A micro-batches
 of M pairs), [M] inside the step. Slice with `jax.tree.map`; a batch crosses `jit` as a pytree.
 Rows are the prompt left-padded to `data.max_prompt_tokens` columns, then the response
 right-padded (`optune_jax.pairs`): T = max_prompt_tokens + Y. A batch for the device may carry
@@ -37,12 +37,12 @@ class PackedRows:
 
 @struct.dataclass
 class OnlineSamples:
-    """S samples per prompt of π_θ for HyPO's KL term (SPEC §5)."""
+    """S samples per prompt of π_θ for HyPO's KL term (design §5)."""
 
     tokens: Array | None  # [*B, S, T] int32 (None when packed with the pairs)
     attn: Array | None  # [*B, S, T] int32, 1 on prompt and response tokens
     resp: Array | None  # [*B, S, T] int32, 1 on response tokens (EOS included)
-    ref_logps: Array  # [*B, S] float32, sequence logps under the reference (SPEC §3)
+    ref_logps: Array  # [*B, S] float32, sequence logps under the reference (design §3)
     mask: Array  # [*B] bool, False where the step draws no samples (the KL term is masked)
 
 
@@ -53,8 +53,8 @@ class PairBatch:
     tokens: Array | None  # [*B, 2, T] int32 (None when `packed`)
     attn: Array | None  # [*B, 2, T] int32
     resp: Array | None  # [*B, 2, T] int32
-    ref_logps: Array  # [*B, 2] float32 (SPEC §3)
-    rewards: Array  # [*B, 2] float32, explicit rewards (wDPO's weight, SPEC §2)
+    ref_logps: Array  # [*B, 2] float32 (design §3)
+    rewards: Array  # [*B, 2] float32, explicit rewards (wDPO's weight, design §2)
     pair_mask: Array  # [*B] bool, False for ties, dropped and filler pairs
     samples: OnlineSamples | None = None  # HyPO only
     packed: PackedRows | None = None  # the pairs' (and samples') rows, packed [*B, G, W]

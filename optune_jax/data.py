@@ -197,7 +197,7 @@ def encode_responses(
     """Offline responses as right-padded tokens [N, max_tokens] and lengths [N].
 
     A complete response ends with `eos_id`, as a sampled one does; one longer than the budget
-    is cut there without an EOS (SPEC §1).
+    is cut there without an EOS (design §1).
     """
     tokens = np.full((len(texts), max_tokens), pad_id, np.int32)
     lengths = np.zeros((len(texts),), np.int32)

@@ -1,4 +1,4 @@
-"""Phase: held-out reward of a policy and its drift from π_0 (SPEC §6)."""
+"""Phase: held-out reward of a policy and its drift from π_0 (design §6)."""
 
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ class Evaluator:
 
     @staticmethod
     def win_score(rewards_N: np.ndarray, initial_N: np.ndarray) -> float:
-        """SPEC §6: 50 + 100 · (wins − losses) / N against π_0's held-out rewards."""
+        """design §6: 50 + 100 · (wins − losses) / N against π_0's held-out rewards."""
         wins = int(np.sum(rewards_N > initial_N))
         losses = int(np.sum(rewards_N < initial_N))
         return 50.0 + 100.0 * (wins - losses) / len(rewards_N)

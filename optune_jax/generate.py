@@ -1,4 +1,5 @@
-"""Phase: sample responses of a policy to prompts with the run's `sampling.*` settings (SPEC §4)."""
+"""Phase: sample responses of a policy to prompts with the run's `sampling.*` settings
+(design §4)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from optune_jax import distributed, sharding
+from optune_jax.compile_time import CompileClock
 from sampling import Generation, SamplingOptions, sample_prompts
 
 # draws of π_θ itself, whatever `sampling.*` says: the KL estimators are unbiased only for these
-# (SPEC §5, §6)
+# (design §5, §6)
 EXACT = dict(temperature=1.0, top_p=1.0, top_k=0)
 
 
@@ -48,7 +50,8 @@ class Generator:
         **override,
     ) -> Generation:
         """`num_samples` responses [N, S, Y] to each prompt; `override` replaces
-        SamplingOptions fields (e.g. greedy=True, top_p=1.0)."""
+        SamplingOptions fields (e.g. greedy=True, top_p=1.0). `compile_seconds` counts the
+        tracing and compiling the call did (the decode-layout move included)."""
         s = self.cfg.sampling
         opts = SamplingOptions(
             max_new_tokens=max_new or s.max_new_tokens,
@@ -62,27 +65,32 @@ class Generator:
         opts = dataclasses.replace(opts, **override)
         # the weights once per call in the decode layout, so no decode step gathers a layer
         rules, dtype = sharding.INFERENCE_RULES, self.cfg.model.dtype
-        if len(prompts):
-            to_decode = sharding.to_decode_layout(self.policy.config, self.mesh, self.rules, dtype)
-            params = to_decode(params)
         put = lambda x: distributed.put(x, sharding.batch_sharding(self.mesh, rules, len(x)))
-        with tqdm(
-            total=len(prompts), desc=desc, unit="prompt", disable=not self.progress, leave=False
-        ) as bar, sharding.rules_context(self.mesh, rules):
-            return sample_prompts(
-                params,
-                prompts,
-                ids,
-                config=self.policy.config,
-                opts=opts,
-                seed=seed,
-                iteration=iteration,
-                batch_size=batch or s.batch_size,
-                max_prompt_len=self.cfg.data.max_prompt_tokens,
-                dtype=dtype,
-                shared_prefix=prefix,
-                pack=s.pack_prompts,
-                on_batch=bar.update,
-                device_put=put,
-                device_get=distributed.get,
-            )
+        with CompileClock() as clock:
+            if len(prompts):
+                to_decode = sharding.to_decode_layout(
+                    self.policy.config, self.mesh, self.rules, dtype
+                )
+                params = to_decode(params)
+            with tqdm(
+                total=len(prompts), desc=desc, unit="prompt", disable=not self.progress,
+                leave=False,
+            ) as bar, sharding.rules_context(self.mesh, rules):
+                gen = sample_prompts(
+                    params,
+                    prompts,
+                    ids,
+                    config=self.policy.config,
+                    opts=opts,
+                    seed=seed,
+                    iteration=iteration,
+                    batch_size=batch or s.batch_size,
+                    max_prompt_len=self.cfg.data.max_prompt_tokens,
+                    dtype=dtype,
+                    shared_prefix=prefix,
+                    pack=s.pack_prompts,
+                    on_batch=bar.update,
+                    device_put=put,
+                    device_get=distributed.get,
+                )
+        return dataclasses.replace(gen, compile_seconds=clock.seconds)

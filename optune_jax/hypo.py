@@ -1,4 +1,4 @@
-"""HyPO's online samples (SPEC §5): a per-step hook that draws S exact samples per prompt of the
+"""HyPO's online samples (design §5): a per-step hook that draws S exact samples per prompt of the
 step's pairs from the current policy (temperature 1, no truncation) and scores them under π_0."""
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ class OnlineSampleHook:
     samples: OnlineSamples | None = None
     counts: dict = dataclasses.field(
         default_factory=lambda: dict(
-            prompts_regenerated=0, responses_generated=0, tokens_generated=0, seconds=0.0
+            prompts_regenerated=0, responses_generated=0, tokens_generated=0, seconds=0.0,
+            compile_seconds=0.0,
         )
     )
 
@@ -57,7 +58,7 @@ class OnlineSampleHook:
             num_samples=s,
             desc=f"iter {self.t} online samples",
             prefix=self.prompts.prefix,
-            **EXACT,  # exact draws of π_θ whatever `sampling.*` says (SPEC §5)
+            **EXACT,  # exact draws of π_θ whatever `sampling.*` says (design §5)
         )
         rows = layout(
             prompts,
@@ -70,6 +71,7 @@ class OnlineSampleHook:
         self.counts["prompts_regenerated"] += len(prompt_idx)
         self.counts["responses_generated"] += len(prompt_idx) * s
         self.counts["tokens_generated"] += gen.tokens_generated
+        self.counts["compile_seconds"] += gen.compile_seconds
         a = cfg.train.batch_size // cfg.train.micro_batch_size
         shaped = [x.reshape(a, -1, *x.shape[1:]) for x in (*rows, ref)]
         return OnlineSamples(*shaped, mask=np.zeros(shaped[-1].shape[:2], bool))

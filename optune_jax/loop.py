@@ -1,4 +1,4 @@
-"""The OPTune iteration end to end (Algorithm 1 of the OPTune paper; SPEC §3-§4, §6): the wiring.
+"""The OPTune iteration end to end (Algorithm 1 of the OPTune paper; design §3-§4, §6): the wiring.
 
 pairs (select -> sample -> reward -> assemble D_t, `pair_source`) -> reference logps
 (`reference`) -> epochs of the loss (`training`, HyPO's samples through `hypo`) -> evaluate
@@ -17,7 +17,15 @@ import numpy as np
 from losses import get_loss
 from models import export_hf_checkpoint
 from models.lora import init_lora, lora_logical_axes, merge
-from optune_jax import distributed, divergence, prompts, reward_history, selection, sharding
+from optune_jax import (
+    distributed,
+    divergence,
+    eval_cache,
+    prompts,
+    reward_history,
+    selection,
+    sharding,
+)
 from optune_jax import rewards as rewards_lib
 from optune_jax.components import (
     build_mesh,
@@ -49,7 +57,8 @@ def _one_line(r: dict) -> str:
     nan = float("nan")
     return (
         f"iter {r['iteration']}: regenerated {r['prompts_regenerated']} prompts "
-        f"({r['seconds.generation']:.0f}s), reward new {r.get('reward_new', nan):.3f} "
+        f"({r['seconds.generation']:.0f}s, {r.get('seconds.generation_compile', 0):.0f}s of it "
+        f"compiling), reward new {r.get('reward_new', nan):.3f} "
         f"kept {r.get('reward_kept', nan):.3f}, {r['pairs']} pairs "
         f"({r['pairs_dropped_ties']} ties), "
         f"loss {r.get('train.loss', float('nan')):.4f} ({r['seconds.training']:.0f}s), "
@@ -108,7 +117,8 @@ class OptuneRun(Runner):
         self.state, state_shardings = sharding.create_state(trainable, optimizer, self.mesh)
         self.initial_eval = np.zeros((len(self.eval_prompts.ids),), np.float32)
         self.totals = dict(
-            prompts_regenerated=0, responses_generated=0, tokens_generated=0, generation_seconds=0.0
+            prompts_regenerated=0, responses_generated=0, tokens_generated=0,
+            generation_seconds=0.0, generation_compile_seconds=0.0,
         )
         self.guard = NonFiniteGuard(t.max_skipped_steps)
         # the phases
@@ -189,11 +199,21 @@ class OptuneRun(Runner):
         return {"totals": self.totals}
 
     def _before(self) -> dict:
-        start = time.perf_counter()
-        self.initial_eval, record = self.evaluate(self.policy_params(), initial=True)
+        start, cache = time.perf_counter(), self.cfg.eval.initial_cache
+        params, found = self.policy_params(), None
+        if cache:  # the same evaluation of π_0 as an earlier run's (design §9)
+            digest = eval_cache.key(self.cfg, params, self.eval_prompts.ids, self.eval_prompts.rows)
+            found = eval_cache.load(cache, digest)
+        if found is None:
+            self.initial_eval, record = self.evaluate(params, initial=True)
+            if cache:
+                eval_cache.save(cache, digest, self.initial_eval, record)
+        else:
+            self.initial_eval, record = found
         return {
             **record,
             "eval.win_score": 50.0,
+            "eval.cached": found is not None,
             "seconds.evaluation": time.perf_counter() - start,
             **{f"data.train_{k}": v for k, v in self.train_prompts.stats.items()},
             **{f"data.eval_{k}": v for k, v in self.eval_prompts.stats.items()},
@@ -202,11 +222,11 @@ class OptuneRun(Runner):
     def _step(self, t: int) -> dict:
         """One OPTune iteration: pairs, reference logps, training, evaluation."""
         cfg, clock = self.cfg, time.perf_counter
-        timers = {"generation": 0.0, "reward": 0.0}
+        timers = {"generation": 0.0, "generation_compile": 0.0, "reward": 0.0}
         pi_t = self.policy_params()
         batch, prompt_idx, record = self.source.pairs(t, pi_t, timers)
-        self._count(record, timers["generation"])
-        # 7a. reference logps of the pairs (SPEC §3); a fixed reference scores each pair once
+        self._count(record, timers["generation"], timers["generation_compile"])
+        # 7a. reference logps of the pairs (design §3); a fixed reference scores each pair once
         start = clock()
         ref_params = self.initial_params if cfg.optune.reference == "initial" else pi_t
         if cfg.optune.reference != "current":  # only the new pairs: kept ones keep theirs
@@ -234,13 +254,14 @@ class OptuneRun(Runner):
         self.state, train_metrics = self.trainer.train(
             self.state, batch, t, guard=self.guard, frozen=self.frozen, before_step=hook
         )
-        online = hook.counts if hook else {k: 0 for k in (*COUNTED, "seconds")}
+        online = hook.counts if hook else {k: 0 for k in (*COUNTED, "seconds", "compile_seconds")}
         timers["training"] = clock() - start - online["seconds"]
         timers["generation"] += online["seconds"]
+        timers["generation_compile"] += online["compile_seconds"]
         for key in COUNTED:
             record[key] += online[key]
-        self._count(online, online["seconds"])
-        # evaluate π_{t+1} on held-out prompts (SPEC §6)
+        self._count(online, online["seconds"], online["compile_seconds"])
+        # evaluate π_{t+1} on held-out prompts (design §6)
         start = clock()
         eval_rewards, eval_record = self.evaluate(self.policy_params())
         timers["evaluation"] = clock() - start
@@ -267,10 +288,14 @@ class OptuneRun(Runner):
         """The evaluation of π_0 (metrics.jsonl's iteration -1)."""
         return next(r for r in self.log.read() if r["iteration"] == -1)
 
-    def _count(self, counts: dict, seconds: float) -> None:
+    def _count(self, counts: dict, seconds: float, compile_seconds: float) -> None:
         for key in COUNTED:
             self.totals[key] += counts[key]
         self.totals["generation_seconds"] += seconds
+        # (a checkpoint of an older run has no compile total)
+        self.totals["generation_compile_seconds"] = (
+            self.totals.get("generation_compile_seconds", 0.0) + compile_seconds
+        )
 
     def _line(self, record: dict) -> str:
         return _one_line(record)

@@ -1,6 +1,6 @@
 """Where each iteration's pairs come from: the one place `run.mode` is read.
 
-- `SampledPairs(every_iteration=True)`: OPTune (SPEC §4 steps 1-6): select the fraction ρ of
+- `SampledPairs(every_iteration=True)`: OPTune (design §4 steps 1-6): select the fraction ρ of
   prompts, sample `sampling.num_samples` responses each from π_t, reward them, pair the best
   with the worst, keep the rest from the pool.
 - `SampledPairs(every_iteration=False)`: offline DPO / HyPO without a pair file: D_0 sampled
@@ -47,7 +47,7 @@ def pairs_from_file(cfg) -> bool:
             f"allowed: {', '.join(ok)}"
         )
     from_file = cfg.run.mode != "optune" and bool(cfg.data.offline_files)
-    if loss.needs_samples and reference != "initial":  # HyPO's KL is to π_0 (SPEC §5)
+    if loss.needs_samples and reference != "initial":  # HyPO's KL is to π_0 (design §5)
         raise RunError(f"optune.reference={reference} does not fit loss.name={cfg.loss.name}: "
                        "its KL term is to the initial policy; allowed: initial")
     if from_file and reference == "behavior":
@@ -115,18 +115,18 @@ class FilePairs(PairSource):
 
 
 class SampledPairs(PairSource):
-    """Pairs of responses sampled from the policy and rewarded (SPEC §4 steps 1-6)."""
+    """Pairs of responses sampled from the policy and rewarded (design §4 steps 1-6)."""
 
     def __init__(self, cfg, policy, prompts, generate, score, *, every_iteration: bool):
         super().__init__(cfg, policy, prompts)
         self.generate, self.score, self.every_iteration = generate, score, every_iteration
 
     def pairs(self, t: int, pi_t, timers: dict):
-        """Steps 1-6 of SPEC §4 at iteration t; without `every_iteration`, only t = 0
+        """Steps 1-6 of design §4 at iteration t; without `every_iteration`, only t = 0
         samples and later iterations keep every pair."""
         cfg, clock = self.cfg, time.perf_counter
         rng = np.random.default_rng([cfg.run.seed, t])
-        # 1. select (SPEC §4 step 1; everything at t = 0)
+        # 1. select (design §4 step 1; everything at t = 0)
         idx = np.zeros((0,), np.int64)
         if self.every_iteration or t == 0:
             o = cfg.optune
@@ -147,6 +147,7 @@ class SampledPairs(PairSource):
             prefix=self.prompts.prefix,
         )
         timers["generation"] = clock() - start
+        timers["generation_compile"] = gen.compile_seconds  # of which compiling (design §9)
         # 3. reward the new responses
         start = clock()
         new_rewards, parts = np.zeros((0, s), np.float32), {}

@@ -59,7 +59,7 @@ def pair_batch(
     """The Q pairs of D_t as a host `PairBatch` [Q] (reference logps still 0) and their
     prompt indices [Q].
 
-    `drop_truncated` masks pairs with a response cut at the token budget (SPEC §1: never
+    `drop_truncated` masks pairs with a response cut at the token budget (design §1: never
     append an EOS the model did not produce; keep or drop is the config's choice).
     """
     tokens = np.stack([pairs.chosen_tokens_QY, pairs.rejected_tokens_QY], axis=1)

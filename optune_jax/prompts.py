@@ -1,4 +1,4 @@
-"""The run's training and held-out prompts, read and tokenized once (SPEC §4's prompt set)."""
+"""The run's training and held-out prompts, read and tokenized once (design §4's prompt set)."""
 
 from __future__ import annotations
 

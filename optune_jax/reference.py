@@ -1,4 +1,4 @@
-"""Phase: sequence logps of laid-out rows under a reference policy (SPEC §3), in fixed chunks."""
+"""Phase: sequence logps of laid-out rows under a reference policy (design §3), in fixed chunks."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ class ReferenceLogps:
 
 def kept_reference_logps(reference: ReferenceLogps, params, batch: PairBatch, new_Q: np.ndarray,
                          kept_Q2: np.ndarray, *, reference_name: str) -> np.ndarray:
-    """Reference logps [Q, 2] that a kept pair keeps (SPEC §3): the new pairs (`new_Q`) scored
+    """Reference logps [Q, 2] that a kept pair keeps (design §3): the new pairs (`new_Q`) scored
     under `params`, the kept ones' `kept_Q2` as they were. `behavior` (BPO): params = π_t, which
     generated the new pairs, a kept pair's logps from the π_t' that generated it; `initial`:
     params = π_0, which does not change, so a kept pair's logps are the same computed again."""

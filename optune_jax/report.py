@@ -11,7 +11,10 @@ cumulative generation seconds (Fig. 5), the time split per phase against the pap
 and from each run's per-prompt reward history the split of the reward gain between the bottom
 and top half of the prompts (Fig. 2, `fig2.png`). Runs that measured drift (`eval.drift`) also
 get the reward–KL frontier (held-out reward against KL(π_t‖π_0) per token, one point per
-iteration, one line per run; the DPO paper's Fig. 2). Writes PNGs and `report.md`.
+iteration with intervals over seeds; the DPO paper's Fig. 2). Where the study holds the
+groups they need, the OPTune paper's three claims come first, each with its verdict
+(`claims`), and the generation cost against ρ = 1 with compile seconds apart. Writes PNGs and
+`report.md`.
 """
 
 from __future__ import annotations
@@ -19,17 +22,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from optune_jax import reward_history, study
+from optune_jax import claims, reward_history, study, study_plots
 from optune_jax.metrics_log import read_records
-
-PAPER_SPLIT = {"generation": 71.8, "reward": 0.1, "training": 28.1}  # Table 1, % of an iteration
-PHASES = ("generation", "reward", "reference", "training")
+from optune_jax.study import (
+    PAPER_SPLIT,
+    PHASES,
+    curves,
+    final,
+    frontier_points,
+    gain_split,
+    phase_split,
+)
 
 
 def load_run(path: Path) -> dict:
@@ -60,126 +68,9 @@ def group(runs: list[dict], ignore=()) -> list[study.Group]:
     return study.group_runs(runs, [study.relevant(r["flat"], ignore) for r in runs])
 
 
-def final(run: dict) -> dict[str, float]:
-    """The numbers compared across groups, after the run's last iteration."""
-    last = run["iters"][-1]
-    return {
-        "held-out reward": last["eval.reward"],
-        "win score": last["eval.win_score"],
-        "tokens generated": last["total.tokens_generated"],
-        "seconds": sum(sum(i[f"seconds.{p}"] for p in PHASES) for i in run["iters"]),
-    }
-
-
 def _ci(x, digits: int) -> str:
     mean, half, n = study.mean_ci(x)
     return f"{mean:.{digits}f} ± {half:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
-
-
-def curves(runs: list[dict], metric: str) -> np.ndarray:
-    """[seeds, iterations + 1]: the metric before training, then after each iteration."""
-    return np.array([[r["initial"][metric]] + [i[metric] for i in r["iters"]] for r in runs])
-
-
-def cumulative(runs: list[dict], total: str) -> np.ndarray:
-    """[seeds, iterations + 1] running total of a cost (0 before the first iteration)."""
-    return np.array([[0.0] + [i[f"total.{total}"] for i in r["iters"]] for r in runs])
-
-
-def phase_split(runs: list[dict]) -> dict[str, float]:
-    totals = {p: sum(i[f"seconds.{p}"] for r in runs for i in r["iters"][1:] or r["iters"])
-              for p in PHASES}
-    whole = sum(totals.values()) or 1.0
-    return {p: 100.0 * v / whole for p, v in totals.items()}
-
-
-def _dashed(g: study.Group) -> bool:
-    return (g.config.get("optune.selection") == "random"
-            or g.config.get("run.mode", "optune") != "optune")
-
-
-def plot(groups, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    files = []
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
-    for g in groups:
-        ls = "--" if _dashed(g) else "-"
-        r = curves(g.runs, "eval.reward")
-        x = np.arange(-1, r.shape[1] - 1)
-        axes[0].plot(x, r.mean(0), ls, marker="o", label=g.label)
-        axes[0].fill_between(x, r.min(0), r.max(0), alpha=0.15)
-        for ax, cost in zip(axes[1:], ("generation_seconds", "tokens_generated"), strict=True):
-            ax.plot(cumulative(g.runs, cost).mean(0), r.mean(0), ls, marker="o", label=g.label)
-    axes[0].set(xlabel="iteration (-1: initial policy)", ylabel="held-out reward",
-                title="held-out reward by iteration (mean, min-max over seeds)")
-    axes[1].set(xlabel="cumulative generation seconds", ylabel="held-out reward",
-                title="quality against generation time")
-    axes[2].set(xlabel="cumulative tokens generated", ylabel="held-out reward",
-                title="quality against generated tokens (load-independent)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "reward.png", dpi=120)
-    files.append("reward.png")
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    bars = ["paper (Table 1)"] + [g.label for g in groups]
-    splits = [{**PAPER_SPLIT, "reference": 0.0}] + [phase_split(g.runs) for g in groups]
-    left = np.zeros(len(bars))
-    for phase in PHASES:
-        vals = np.array([s.get(phase, 0.0) for s in splits])
-        ax.barh(bars, vals, left=left, label=phase)
-        left += vals
-    ax.set(xlabel="% of iteration time (iterations after the first)", title="time per phase")
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out / "phases.png", dpi=120)
-    files.append("phases.png")
-    if frontier(groups, out / "frontier.png"):
-        files.append("frontier.png")
-    if fig2(groups, out / "fig2.png"):
-        files.append("fig2.png")
-    return files
-
-
-def frontier_points(run: dict) -> tuple[np.ndarray, np.ndarray] | None:
-    """(KL to π_0 per token, held-out reward) before training and after each iteration."""
-    records = [run["initial"], *run["iters"]]
-    if any(r.get("eval.kl_initial") is None for r in records):
-        return None
-    return (np.array([r["eval.kl_initial"] for r in records]),
-            np.array([r["eval.reward"] for r in records]))
-
-
-def frontier(groups, path: Path) -> bool:
-    """The reward–KL frontier plot; False (nothing drawn) when no run measured drift."""
-    import matplotlib.pyplot as plt
-
-    drawn = False
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for g in groups:
-        for run in g.runs:
-            points = frontier_points(run)
-            if points is None:
-                continue
-            seed = f", seed {run['seed']}" if len(g.runs) > 1 else ""
-            ax.plot(*points, marker="o", label=f"{g.label}{seed}")
-            ax.annotate("π_0", (points[0][0], points[1][0]), fontsize=7)
-            drawn = True
-    if drawn:
-        ax.set(xlabel="KL(π_t ‖ π_0) per token, nats (held-out samples)",
-               ylabel="held-out reward", title="reward–KL frontier (one point per iteration)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return drawn
 
 
 def table(groups: list[study.Group]) -> str:
@@ -192,7 +83,8 @@ def table(groups: list[study.Group]) -> str:
     lines = ["## Variants (the runs of a variant are its seeds; ± : 95 % Student-t interval)", "",
              f"Shared by every variant (where read): {common}.", "",
              "| variant | seeds | held-out reward: initial → final (mean ± 95 % CI) | "
-             "win score (± 95 % CI) | prompts regenerated | tokens generated | generation s | "
+             "win score (± 95 % CI) | prompts regenerated | tokens generated | "
+             "generation s (+ compile s) | "
              "iteration s | speed-up vs ρ=1 |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     drift = all(frontier_points(r) is not None for g in groups for r in g.runs)
@@ -205,13 +97,16 @@ def table(groups: list[study.Group]) -> str:
         init = curves(runs, "eval.reward")[:, 0].mean()
         regen = np.mean([r["iters"][-1]["total.prompts_regenerated"] for r in runs])
         gen = np.mean([r["iters"][-1]["total.generation_seconds"] for r in runs])
+        comp = np.mean([r["iters"][-1].get("total.generation_compile_seconds", np.nan)
+                        for r in runs])  # (runs before compile seconds were kept: nan)
         tokens = np.mean([e["tokens generated"] for e in ends])
         secs = np.mean([e["seconds"] for e in ends])
         speed = f"{full_secs / secs:.2f}×" if full_secs else "n/a"
         lines.append(f"| {g.label} | {len(runs)} | {init:.4f} → "
                      f"{_ci([e['held-out reward'] for e in ends], 4)} | "
                      f"{_ci([e['win score'] for e in ends], 1)} | {regen:.0f} | {tokens:.0f} | "
-                     f"{gen:.1f} | {secs:.1f} | {speed} |")
+                     + (f"{gen - comp:.1f} (+{comp:.1f})" if np.isfinite(comp) else
+                        f"{gen:.1f} (compile not kept)") + f" | {secs:.1f} | {speed} |")
         if drift:
             nll = curves(runs, "eval.nll_initial")
             lines[-1] += (f" {curves(runs, 'eval.kl_initial')[:, -1].mean():.3f} |"
@@ -266,48 +161,6 @@ def differences(groups: list[study.Group], against: list[str]) -> str:
               "Not resolved (the interval includes 0):", *[f"- {x}" for x in no or ["none"]],
               "", "(Fewer than 2 pairs give no interval: neither.)"]
     return "\n".join(lines)
-
-
-def gain_split(runs: list[dict]) -> dict[str, np.ndarray] | None:
-    """`reward_history.gain_split` of each run with a history, averaged over them (NaN-aware)
-    over the iterations they all have, with "seeds"; None without any."""
-    splits = [reward_history.gain_split(r["history"]["chosen"]) for r in runs
-              if r["history"] is not None and len(r["history"]["chosen"]) > 1]
-    if not splits:
-        return None
-    q = min(len(s["iteration"]) for s in splits)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a column of NaN (no gain): NaN
-        out = {k: np.nanmean([s[k][:q] for s in splits], axis=0) for k in splits[0]}
-    return {**out, "iteration": splits[0]["iteration"][:q], "seeds": len(splits)}
-
-
-def fig2(groups: list[study.Group], path: Path) -> bool:
-    """The OPTune paper's Fig. 2 per group: bars of the bottom and the top half's share of the
-    reward gain at each iteration, averaged over seeds; False when no run has a history."""
-    import matplotlib.pyplot as plt
-
-    drawn = [(g, s) for g in groups if (s := gain_split(g.runs)) is not None]
-    if not drawn:
-        return False
-    cols = min(3, len(drawn))
-    rows = -(-len(drawn) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.5 * rows), squeeze=False)
-    for ax, (g, s) in zip(axes.flat, drawn, strict=False):
-        x = s["iteration"]
-        ax.bar(x - 0.2, 100 * s["share_bottom"], 0.4, label="bottom 50 %")
-        ax.bar(x + 0.2, 100 * s["share_top"], 0.4, label="top 50 %")
-        ax.axhline(50, color="grey", lw=0.8, ls=":")
-        ax.set(title=f"{g.label} ({s['seeds']} seeds)", xlabel="iteration t", xticks=x,
-               ylabel="% of the reward gain from t-1")
-        ax.legend(fontsize=8)
-    for ax in axes.flat[len(drawn):]:
-        ax.set_visible(False)
-    fig.suptitle("where the reward gain comes from: prompts ranked by chosen reward at t-1")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
 
 
 def gain_table(groups: list[study.Group]) -> str:
@@ -372,10 +225,11 @@ def main(argv=None) -> int:
         print(f"error: --against: {e}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    files = plot(groups, args.out)
+    files = study_plots.plot(groups, args.out)
     notes = "\n".join(f"Note: {line}." for line in partial)
-    text = "\n\n".join(x for x in (notes, table(groups), differences(groups, against),
-                                    gain_table(groups)) if x)
+    text = "\n\n".join(x for x in (notes, "\n".join(claims.claim_lines(groups)), table(groups),
+                                    "\n".join(claims.cost_lines(groups)),
+                                    differences(groups, against), gain_table(groups)) if x)
     body = text + "\n\n" + "\n".join(f"![{f}]({f})" for f in files) + "\n"
     (args.out / "report.md").write_text(body)
     print(text)

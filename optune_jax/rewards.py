@@ -1,4 +1,5 @@
-"""Reward functions: `(rows, responses) -> float32 scores`, one score per response (SPEC §4 step 3).
+"""Reward functions: `(rows, responses) -> float32 scores`, one score per response
+(design §4 step 3).
 
 `rows[i]` is the dataset row of the prompt that `responses[i]` answers (it carries metadata such
 as the IFEval `constraints`). What `reward.name` can name:

@@ -92,7 +92,7 @@ class SamplingSection:
     top_p: float = option(0.9, range="(0, 1]")
     top_k: int = option(0, range=NON_NEGATIVE)  # 0: no top-k truncation
     batch_size: int = option(32, range=POSITIVE)  # prompts per generate call
-    # responses cut at the token budget without EOS: kept as-is or their pair dropped (SPEC §1)
+    # responses cut at the token budget without EOS: kept as-is or their pair dropped (design §1)
     truncated: str = option("keep", choices=("keep", "drop"))
     # the prompts' common opening (chat template, system turn) prefilled once per batch
     share_prefix: bool = True
@@ -107,8 +107,8 @@ class OptuneSection:
     iterations: int = option(3, range=POSITIVE)
     rho: float = option(0.5, range="(0, 1]")  # fraction of prompts regenerated per iteration
     selection: str = option("reward", choices=("reward", "random"))  # lowest-reward or Rdm_ρ
-    rank_key: str = option("chosen", choices=("chosen", "mean", "rejected"))  # SPEC §4 step 1
-    # reference policy of a pair (SPEC §3): current π_t (OPTune Eq. 5), behavior π_t' (the
+    rank_key: str = option("chosen", choices=("chosen", "mean", "rejected"))  # design §4 step 1
+    # reference policy of a pair (design §3): current π_t (OPTune Eq. 5), behavior π_t' (the
     # policy that generated the pair, BPO), initial π_0
     reference: str = option("current", choices=("current", "behavior", "initial"))
 
@@ -139,10 +139,10 @@ class RewardSection:
 @dataclasses.dataclass(frozen=True)
 class LossSection:
     name: str = "wdpo"  # checked against the loss registry by the loop
-    beta: float = option(0.1, range=NON_NEGATIVE)  # β1, scale of the implicit margin
+    beta: float = option(0.1, range=POSITIVE)  # β1, the implicit margin's scale (> 0)
     beta2: float = option(1.0, range=NON_NEGATIVE)  # wDPO's reward-gap temperature (Eq. 6)
-    average_logps: bool = False  # per-token mean instead of sum of response logps (SPEC §1)
-    lam: float = option(0.1, range=NON_NEGATIVE)  # HyPO: weight of the KL term (SPEC §5)
+    average_logps: bool = False  # per-token mean instead of sum of response logps (design §1)
+    lam: float = option(0.1, range=NON_NEGATIVE)  # HyPO: weight of the KL term (design §5)
     # RPO (Pang et al. 2024): + rpo_alpha · per-token NLL of the chosen responses; 0: off
     rpo_alpha: float = option(0.0, range=NON_NEGATIVE)
 
@@ -194,6 +194,9 @@ class EvalSection:
     max_loss_ratio: float = option(10.0, range=POSITIVE)  # × the first step's loss (>= log 2)
     max_kl: float = option(1.0, range=POSITIVE)  # KL(π_t‖π_0) per token
     max_nll_rise: float = option(1.0, range=POSITIVE)  # greedy answers' NLL under π_0, − π_0's
+    # a directory keeping π_0's evaluation for the next run that would compute the same one
+    # (`eval_cache`; the sweep sets <out>/.initial_eval); None: evaluate π_0 every run
+    initial_cache: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +218,7 @@ class HypoSection:
 @dataclasses.dataclass(frozen=True)
 class RunSection:
     # optune: Algorithm 1; offline: DPO on data.offline_files, never regenerated;
-    # hypo: offline pairs + loss.lam * KL(π_θ‖π_ref) on online samples (SPEC §5)
+    # hypo: offline pairs + loss.lam * KL(π_θ‖π_ref) on online samples (design §5)
     mode: str = option("optune", choices=("optune", "offline", "hypo"))
     output_dir: str = "runs/default"
     seed: int = 0

@@ -1,4 +1,4 @@
-"""Phase: the reward of sampled responses, from their decoded text (SPEC §4 step 3)."""
+"""Phase: the reward of sampled responses, from their decoded text (design §4 step 3)."""
 
 from __future__ import annotations
 

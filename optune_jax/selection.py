@@ -1,4 +1,4 @@
-"""Host-side OPTune prompt selection and pair assembly (SPEC §4, Algorithm 1 of seed 002).
+"""Host-side OPTune prompt selection and pair assembly (design §4, Algorithm 1 of the OPTune paper).
 
 Pure NumPy over a `PromptPool`: every prompt i of P carries its current pair of responses
 (token ids right-padded with the pool's pad id), their lengths and rewards, and the iteration
@@ -7,7 +7,7 @@ return a new pool whose arrays are read-only.
 
 One iteration on the host:
 
-    idx_N = select(pool, rho, selection="reward", rank_key="chosen", rng=rng)  # SPEC §4 step 1
+    idx_N = select(pool, rho, selection="reward", rank_key="chosen", rng=rng)  # design §4 step 1
     ... sample S >= 2 responses per selected prompt, score them ...           # steps 2-3
     tokens_N2Y, lengths_N2, rewards_N2 = best_and_worst(tokens_NSY, lengths_NS, rewards_NS)
     pool = update_pool(pool, idx_N, tokens_N2Y, lengths_N2, rewards_N2, t)   # step 4
@@ -100,7 +100,7 @@ class PromptPool:
 
 @dataclasses.dataclass(frozen=True)
 class Pairs:
-    """The preference pairs of D_t (SPEC §4 step 5); Q = prompts whose two rewards differ.
+    """The preference pairs of D_t (design §4 step 5); Q = prompts whose two rewards differ.
 
     Attributes:
       prompt_idx_Q: int32 prompt index of each pair, ascending.
@@ -140,7 +140,7 @@ def num_selected(num_prompts: int, rho: float) -> int:
 
 
 def ranking_keys(rewards_P2: np.ndarray, key: str = "chosen") -> np.ndarray:
-    """Per-prompt ranking key (SPEC §4 step 1): max (default), mean or min of the two rewards.
+    """Per-prompt ranking key (design §4 step 1): max (default), mean or min of the two rewards.
 
     Returns float32 keys_P; the prompts with the LOWEST keys are regenerated.
     """
@@ -180,7 +180,7 @@ def select(
     rank_key: str = "chosen",
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """Prompts to regenerate this iteration (SPEC §4 step 1), as ascending int64 indices.
+    """Prompts to regenerate this iteration (design §4 step 1), as ascending int64 indices.
 
     Args:
       pool: the current pool.
@@ -246,7 +246,7 @@ def update_pool(
     rewards_N2: np.ndarray,
     iteration: int,
 ) -> PromptPool:
-    """A new pool where prompts `idx_N` take their new pair (SPEC §4 step 4); the rest are kept.
+    """A new pool where prompts `idx_N` take their new pair (design §4 step 4); the rest are kept.
 
     Args:
       pool: the current pool (unchanged).
@@ -285,7 +285,7 @@ def update_pool(
 
 
 def build_pairs(pool: PromptPool, iteration: int) -> Pairs:
-    """Chosen/rejected pairs of D_t and their accounting (SPEC §4 steps 5-6).
+    """Chosen/rejected pairs of D_t and their accounting (design §4 steps 5-6).
 
     The higher-reward response is chosen; a pair with r1 == r2 is dropped and counted as a tie.
     Pairs generated at `iteration` count as new, the others as kept. Every prompt must have been

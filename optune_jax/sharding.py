@@ -6,7 +6,7 @@
     state, shardings = create_state(params, optimizer, mesh)  # optimizer state sharded alike
     step = jit_train_step(fn, mesh, rules, state_shardings=shardings,
                           batch_sharding=batch_sharding(mesh, rules, micro_batch_size, axis=1))
-    decode_params = to_decode_layout(config, mesh, "bfloat16")(params)  # once per generate
+    decode_params = to_decode_layout(config, mesh, rules, "bfloat16")(params)  # once per generate
 
 Model code speaks only logical names (models/layers.py); this file alone knows mesh axes.
 Activation constraints (`nn.with_logical_constraint`) take effect inside `rules_context`.

@@ -1,19 +1,22 @@
 """The statistics of a study of runs (issue 17): which config keys tell the runs apart, groups
 of seeds, Student-t 95 % confidence intervals, and paired differences against a baseline group.
 
-Pure: config dicts and numbers in, numbers and labels out (`report` reads the run directories
-and writes the tables and plots).
+Pure: config dicts, numbers and run records in, numbers and labels out (`report` reads the run
+directories and writes the tables, `study_plots` draws the figures).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import yaml
+
+from optune_jax import reward_history
 
 # Keys that cannot change what a run learns or measures: the seed (it pairs runs instead),
 # where a run writes and how often it saves, the device layout, the greedy answers it prints,
@@ -207,3 +210,59 @@ def default_baselines(groups: Sequence[Group]) -> list[str]:
 def paired(a: dict[int, float], b: dict[int, float]) -> np.ndarray:
     """a[seed] - b[seed] over the seeds both have, in seed order."""
     return np.array([a[s] - b[s] for s in sorted(set(a) & set(b))], np.float64)
+
+
+# ------------------------------------------------ what a run's records say (runs: report.load_run)
+PAPER_SPLIT = {"generation": 71.8, "reward": 0.1, "training": 28.1}  # Table 1, % of an iteration
+PHASES = ("generation", "reward", "reference", "training")
+
+
+def final(run: dict) -> dict[str, float]:
+    """The numbers compared across groups, after the run's last iteration."""
+    last = run["iters"][-1]
+    return {
+        "held-out reward": last["eval.reward"],
+        "win score": last["eval.win_score"],
+        "tokens generated": last["total.tokens_generated"],
+        "seconds": sum(sum(i[f"seconds.{p}"] for p in PHASES) for i in run["iters"]),
+    }
+
+
+def curves(runs: list[dict], metric: str) -> np.ndarray:
+    """[seeds, iterations + 1]: the metric before training, then after each iteration."""
+    return np.array([[r["initial"][metric]] + [i[metric] for i in r["iters"]] for r in runs])
+
+
+def cumulative(runs: list[dict], total: str) -> np.ndarray:
+    """[seeds, iterations + 1] running total of a cost (0 before the first iteration)."""
+    return np.array([[0.0] + [i[f"total.{total}"] for i in r["iters"]] for r in runs])
+
+
+def phase_split(runs: list[dict]) -> dict[str, float]:
+    totals = {p: sum(i[f"seconds.{p}"] for r in runs for i in r["iters"][1:] or r["iters"])
+              for p in PHASES}
+    whole = sum(totals.values()) or 1.0
+    return {p: 100.0 * v / whole for p, v in totals.items()}
+
+
+def frontier_points(run: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """(KL to π_0 per token, held-out reward) before training and after each iteration."""
+    records = [run["initial"], *run["iters"]]
+    if any(r.get("eval.kl_initial") is None for r in records):
+        return None
+    return (np.array([r["eval.kl_initial"] for r in records]),
+            np.array([r["eval.reward"] for r in records]))
+
+
+def gain_split(runs: list[dict]) -> dict[str, np.ndarray] | None:
+    """`reward_history.gain_split` of each run with a history, averaged over them (NaN-aware)
+    over the iterations they all have, with "seeds"; None without any."""
+    splits = [reward_history.gain_split(r["history"]["chosen"]) for r in runs
+              if r["history"] is not None and len(r["history"]["chosen"]) > 1]
+    if not splits:
+        return None
+    q = min(len(s["iteration"]) for s in splits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a column of NaN (no gain): NaN
+        out = {k: np.nanmean([s[k][:q] for s in splits], axis=0) for k in splits[0]}
+    return {**out, "iteration": splits[0]["iteration"][:q], "seeds": len(splits)}

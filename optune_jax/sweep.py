@@ -11,6 +11,10 @@ split seeded by it), draws the same iteration-0 samples (every prompt is generat
 each draw's key is folded from the seed, the iteration and the prompt's index, not its batch)
 and evaluates with the same keys, as long as the overrides leave the data and sampling alone.
 
+A seed's variants evaluate π_0 once: the first run keeps its evaluation in `<out>/.initial_eval`
+and the others read it (`eval.initial_cache`; keyed by everything it depends on, so a variant
+that changes the data, sampling or model evaluates afresh).
+
 Runs the variants one after another in this process (JAX scales out through its mesh, not
 through a process pool). A variant whose run directory is complete is skipped; a cut one
 resumes from its newest checkpoint, so re-running the same command finishes the sweep.
@@ -114,7 +118,10 @@ def main(argv=None) -> int:
     for i, (name, sets) in enumerate(todo):
         out = Path(args.out) / name
         try:
-            cfg = load_config(args.config, [*args.overrides, *sets, f"run.output_dir={out}"])
+            # π_0's evaluation once per seed, not per variant (unless --set says otherwise)
+            cache = f"eval.initial_cache={Path(args.out) / '.initial_eval'}"
+            cfg = load_config(args.config,
+                              [cache, *args.overrides, *sets, f"run.output_dir={out}"])
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

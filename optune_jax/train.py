@@ -32,7 +32,7 @@ def summary_table(records: list[dict]) -> str:
         *([("held-out reward gain, paired (95 % interval)", "",
             f"{last['eval.reward'] - before['eval.reward']:+.3f} ± "
             f"{last['eval.reward_gain_ci95']:.3f}")] if "eval.reward_gain_ci95" in last else []),
-        ("win score vs initial policy (SPEC §6)", "50.0", f"{last['eval.win_score']:.1f}"),
+        ("win score vs initial policy (design §6)", "50.0", f"{last['eval.win_score']:.1f}"),
         *[(f"held-out reward: component {k.removeprefix('eval.reward.')}", *both(k, ".4f"))
           for k in sorted(last) if k.startswith("eval.reward.")],
     ]

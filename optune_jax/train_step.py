@@ -107,7 +107,7 @@ def make_optimizer(
     decay: bool = False,
 ) -> optax.GradientTransformation:
     """Global-norm clipping, then PyTorch's `torch.optim.RMSprop` defaults as TRL trains with
-    them (SPEC §7: alpha 0.99, eps 1e-8 outside the square root, weight decay added to the
+    them (design §7: alpha 0.99, eps 1e-8 outside the square root, weight decay added to the
     gradient) or `torch.optim.AdamW`'s, over the linear schedule of a run of `total_steps`
     updates (`scale_by_linear_schedule`; `decay`: down to 0 after the warm-up, else constant)."""
     schedule = scale_by_linear_schedule(
@@ -136,7 +136,7 @@ def fresh_opt_state(optimizer: optax.GradientTransformation, params, steps, warm
 
 
 def response_logps(params, tokens_BT, attn_BT, resp_BT, *, policy: PolicySpec, prompt_len: int):
-    """Sequence logps [R] of each row's response (SPEC §1); logits only over response columns."""
+    """Sequence logps [R] of each row's response (design §1); logits only over response columns."""
     logits = forward(
         params,
         tokens_BT[:, :-1],
@@ -153,7 +153,7 @@ def response_logps(params, tokens_BT, attn_BT, resp_BT, *, policy: PolicySpec, p
 
 
 def packed_logps(params, packed: PackedRows, *, policy: PolicySpec, num_seqs: int):
-    """Sequence logps [num_seqs] of packed responses (SPEC §1); logits only at their targets."""
+    """Sequence logps [num_seqs] of packed responses (design §1); logits only at their targets."""
     logits = forward_packed(
         params,
         packed.tokens,
@@ -246,7 +246,7 @@ def _trainable_loss(trainable, micro, frozen, *, lora: LoraSpec | None, **kw):
     if lora is None:
         return policy_loss(trainable, micro, **kw)
 
-    # BPO's ensemble (SPEC §3): every adapter trains on the same pairs; losses averaged
+    # BPO's ensemble (design §3): every adapter trains on the same pairs; losses averaged
     def one(adapter):
         return policy_loss(merge(frozen, trainable, lora, adapter=adapter), micro, **kw)
 

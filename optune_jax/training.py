@@ -1,4 +1,4 @@
-"""Phase: epochs of the configured loss over D_t on the mesh (SPEC §4 step 7)."""
+"""Phase: epochs of the configured loss over D_t on the mesh (design §4 step 7)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class PolicyTrainer:
             batch_sharding=self.batch_sharding,
             frozen_shardings=frozen_shardings if lora else None,
         )
-        # `train.schedule: per_iteration`: each iteration starts a new run (SPEC §7), its
+        # `train.schedule: per_iteration`: each iteration starts a new run (design §7), its
         # optimizer state created in place of the old one, in the same shards
         self.restart = jax.jit(
             lambda state, steps, warmup: state.replace(

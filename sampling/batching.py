@@ -120,6 +120,7 @@ class Generation:
     tokens_generated: int
     max_cache_bytes: int
     shapes: set[tuple[int, int, int]]  # the (batch, prompt length, packed lines) run
+    compile_seconds: float = 0.0  # of the wall time, spent getting programs ready (the caller's)
 
     def first(self, k: int) -> Generation:
         """The first k responses of each prompt (the cost accounting unchanged)."""

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 9's comparison on the tiny config: offline DPO, HyPO, online DPO (ρ = 1) and OPTune
-# (ρ = 0.5), each with the current (π_t) and the initial (π_0) reference (HyPO: π_0 only, SPEC §5);
+# (ρ = 0.5), each with the current (π_t) and the initial (π_0) reference (HyPO: π_0 only, design §5);
 # then the report.
 # Usage: bash scripts/compare_modes.sh [OUT_DIR] [extra --set overrides...]
 set -euo pipefail

@@ -1,8 +1,10 @@
-"""Ready the OPTune paper's setting (SPEC §7, configs/zephyr_7b_optune.yaml) from local downloads.
+"""Ready the OPTune paper's setting (design §7, configs/zephyr_7b_optune.yaml) from local
+downloads.
 
 Writes the prompt file (48k UltraChat prompts drawn with a fixed seed, the paper's §4.1) and
 checks the policy and reward-model directories; then prints the command that trains with them.
-Nothing is downloaded: on a machine with the hub, fetch first (README, "The paper's setting"):
+Nothing is downloaded: on a machine with the hub, fetch first (docs/scaling.md, "The paper's
+setting: what to download"):
 
     huggingface-cli download HuggingFaceH4/ultrachat_200k --repo-type dataset --local-dir U
     huggingface-cli download HuggingFaceH4/zephyr-7b-sft-full --local-dir P

@@ -110,14 +110,15 @@ def test_wrong_types(override, message):
     ("sampling.top_k=-1", "sampling.top_k=-1 is out of range [0, inf)"),
     ("train.learning_rate=.nan", "train.learning_rate=nan is out of range (0, inf)"),
     ("data.num_eval_prompts=0", "data.num_eval_prompts=0 is out of range (0, inf)"),
+    ("loss.beta=0", "loss.beta=0.0 is out of range (0, inf)"),  # every loss flat; IPO ÷ 0
 ])
 def test_out_of_range(override, message):
     assert _error([override]) == message
 
 
 def test_boundaries_inside_the_range_are_accepted():
-    cfg = load_config(None, ["optune.rho=1", "train.warmup_ratio=0", "loss.beta=0"])
-    assert (cfg.optune.rho, cfg.train.warmup_ratio, cfg.loss.beta) == (1.0, 0.0, 0.0)
+    cfg = load_config(None, ["optune.rho=1", "train.warmup_ratio=0", "eval.examples=0"])
+    assert (cfg.optune.rho, cfg.train.warmup_ratio, cfg.eval.examples) == (1.0, 0.0, 0)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -1,4 +1,5 @@
-"""HyPO's KL surrogate (SPEC §5): its gradient is the gradient of the true KL; and the HyPO loss."""
+"""HyPO's KL surrogate (design §5): its gradient is the gradient of the true KL; and the HyPO
+loss."""
 
 import chex
 import hypothesis.extra.numpy as hnp

@@ -1,4 +1,4 @@
-"""Sequence log-probabilities (SPEC §1) against a NumPy log-softmax reference."""
+"""Sequence log-probabilities (design §1) against a NumPy log-softmax reference."""
 
 import chex
 import hypothesis.extra.numpy as hnp

@@ -59,7 +59,7 @@ def test_tiny_config_learns_and_accounts_for_generation(tmp_path, capsys):
     last = iters[-1]
     assert last["eval.reward"] - before["eval.reward"] > last["eval.reward_gain_ci95"] > 0
     assert iters[-1]["eval.win_score"] > 50
-    # SPEC §4 accounting: everything at t = 0, then ceil(0.5 * 64) prompts
+    # design §4 accounting: everything at t = 0, then ceil(0.5 * 64) prompts
     assert [r["prompts_regenerated"] for r in iters] == [64, 32, 32]
     assert [r["responses_generated"] for r in iters] == [128, 64, 64]
     assert iters[-1]["total.prompts_regenerated"] == 128
@@ -337,7 +337,7 @@ def test_hypo_draws_exact_online_samples_and_its_kl_starts_at_zero(tmp_path, mon
     # D_0 (16 prompts) at t = 0, then only the KL's online samples: 2 steps x 8 prompts
     assert [r["prompts_regenerated"] for r in records] == [16 + 16, 16]
     assert [r["responses_generated"] for r in records] == [32 + 32, 32]
-    # the reference is π_0 (SPEC §5): the policy at the first step of iteration 0 only
+    # the reference is π_0 (design §5): the policy at the first step of iteration 0 only
     assert abs(records[0]["train.first.kl"]) < 1e-4
     assert abs(records[0]["train.first.margin"]) < 1e-5
     assert abs(records[1]["train.first.kl"]) > 1e-4

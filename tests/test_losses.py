@@ -1,4 +1,4 @@
-"""Pairwise preference losses (SPEC §2), the Bradley–Terry loss and the loss registry."""
+"""Pairwise preference losses (design §2), the Bradley–Terry loss and the loss registry."""
 
 import functools
 import inspect

@@ -1,4 +1,4 @@
-"""The optimizers and schedule against PyTorch's and transformers' (SPEC §7): `rmsprop` is
+"""The optimizers and schedule against PyTorch's and transformers' (design §7): `rmsprop` is
 `torch.optim.RMSprop`'s defaults, `adamw` `torch.optim.AdamW`'s, the schedule
 `get_linear_schedule_with_warmup` with TRL's warm-up length; with `train.schedule:
 per_iteration` each iteration starts from fresh optimizer state, like a separate run."""

@@ -1,4 +1,4 @@
-"""scripts/prepare_zephyr.py on small stand-ins of the paper's downloads (SPEC §7)."""
+"""scripts/prepare_zephyr.py on small stand-ins of the paper's downloads (design §7)."""
 
 import importlib.util
 import json

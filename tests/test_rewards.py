@@ -72,8 +72,8 @@ def _random_vocab(rng, size=300):
 def test_tiny_reward_spreads_and_is_learnable_by_a_unigram_policy():
     """Online DPO on a unigram policy (the part of a random tiny LM that a bias can move).
 
-    Iterations follow SPEC §4 with rho = 1: sample two responses per prompt, score with
-    tiny_reward, drop ties, take DPO steps against the behavior policy (SPEC §3).
+    Iterations follow design §4 with rho = 1: sample two responses per prompt, score with
+    tiny_reward, drop ties, take DPO steps against the current policy π_t (design §3).
     """
     rng = np.random.default_rng(0)
     vocab = np.array(_random_vocab(rng))

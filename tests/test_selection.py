@@ -407,7 +407,7 @@ def test_best_and_worst_matches_reference_and_counts_all_equal_as_ties(rows, see
             assert tokens_N2Y[i, j].tobytes() == tokens_NSY[i, k].tobytes()
         if s == 2:  # the pair as drawn: a run with num_samples 2 is what it was
             assert keep == [0, 1]
-    # SPEC §4 step 5: a prompt whose S rewards are all equal is a tie, dropped and counted
+    # design §4 step 5: a prompt whose S rewards are all equal is a tie, dropped and counted
     pool = selection.update_pool(
         selection.PromptPool.empty(n, max_len), np.arange(n), tokens_N2Y, lengths_N2, rewards_N2, 0
     )

@@ -44,7 +44,7 @@ def _fake_run(path, *, rho, selection, seed, final, gains):
     for t, reward in enumerate([0.25, final]):
         records.append({"iteration": t, "eval.reward": reward, "eval.win_score": 100 * reward,
                         "total.prompts_regenerated": 8 * (t + 1), "total.generation_seconds": t,
-                        "total.tokens_generated": 100 * (t + 1), **cost})
+                        "total.tokens_generated": 100 * (t + 1), "tokens_generated": 100, **cost})
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     chosen = np.array([[0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4] + np.array(gains)])
     lines = [{"iteration": t, "regenerated": [1] * 4, "chosen": chosen[t].tolist(),
@@ -116,8 +116,16 @@ def test_sweep_then_report(tmp_path, capsys):
     assert (docs / "fig2.png").stat().st_size > 10_000 and "Fig. 2" in text
     assert (docs / "reward.png").stat().st_size > 10_000
     assert (docs / "phases.png").stat().st_size > 5_000
-    assert (docs / "frontier.png").stat().st_size > 10_000  # reward–KL, one line per run
+    assert (docs / "frontier.png").stat().st_size > 10_000  # reward–KL, one line per group
     assert "KL to π_0" in text
+    # π_0 was evaluated once for the seed: the second variant read the first one's evaluation
+    firsts = [json.loads((r / "metrics.jsonl").read_text().splitlines()[0]) for r in runs]
+    assert [f["eval.cached"] for f in firsts] == [False, True]
+    assert firsts[0]["eval.reward"] == firsts[1]["eval.reward"]
+    assert len(list((out / ".initial_eval").iterdir())) == 1
+    # the cost table keeps the compile seconds apart, against ρ = 1
+    assert "## Generation cost against full regeneration (ρ = 1)" in text
+    assert "generation s (+ compile s)" in text
 
 
 def test_report_rejects_a_directory_that_is_not_a_run(tmp_path, capsys):

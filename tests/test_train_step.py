@@ -155,7 +155,7 @@ def test_masked_pairs_do_not_change_the_update():
 
 
 def test_behavior_reference_gives_log2_dpo_loss_at_the_first_step():
-    # reference = the policy itself (π_t, SPEC §3): margins are 0, DPO loss is log 2
+    # reference = the policy itself (π_t, design §3): margins are 0, DPO loss is log 2
     arrays = pairs(k=4)
     state, step = step_fn("dpo")
     flat = [x.reshape(8, -1) for x in (arrays.tokens, arrays.attn, arrays.resp)]
