@@ -97,7 +97,7 @@ def test_sweep_then_report(tmp_path, capsys):
             "--seeds", "0", "--out", str(out), "--no-progress",
             *[x for s in SMALLER for x in ("--set", s)]]
     assert sweep.main(argv) == 0
-    runs = sorted(out.iterdir())
+    runs = sorted(p for p in out.iterdir() if not p.name.startswith("."))  # as a shell glob
     assert [r.name for r in runs] == ["rho0.5_random_seed0", "rho1_reward_seed0"]
     assert sweep.main(argv) == 0  # everything done: skipped, nothing rerun
     assert capsys.readouterr().out.count("done, skipped") == 2
