@@ -15,7 +15,7 @@ from models import ModelConfig
 from optune_jax import train_step as ts
 from optune_jax.batch import PairBatch
 from optune_jax.packing import key_cost, pack_batch
-from optune_jax.pairs import layout
+from optune_jax.pair_rows import layout
 
 FIRST_ORDINARY_ID = 17  # SmolLM2's ids 0-16 are special tokens
 

@@ -23,7 +23,7 @@ What one step is on each side:
   then `train_step` (jitted, the state donated) with RMSProp (`make_optimizer(name="rmsprop",
   learning_rate=1e-6, ...)`, no rematerialization), blocking on both. The batch is one
   micro-batch [A=1, M=pairs]: prompts left-padded to the longest, responses right-padded
-  (`optune_jax.pairs.layout`); with `--pack` (the default) its rows are packed once on the host
+  (`optune_jax.pair_rows.layout`); with `--pack` (the default) its rows are packed once on the host
   (`packing.pack_batch`, the line length its cost model picks), outside
   the timing.
 The first step of each (ours: the compile) is reported apart; the table gives the best and median

@@ -4,7 +4,7 @@ Every field carries its shape after the leading batch axes `*B` (letters: design
 all pairs of D_t on the host, [A, M] for one optimizer step (A micro-batches
 of M pairs), [M] inside the step. Slice with `jax.tree.map`; a batch crosses `jit` as a pytree.
 Rows are the prompt left-padded to `data.max_prompt_tokens` columns, then the response
-right-padded (`optune_jax.pairs`): T = max_prompt_tokens + Y. A batch for the device may carry
+right-padded (`optune_jax.pair_rows`): T = max_prompt_tokens + Y. A batch for the device may carry
 `PackedRows` instead (`optune_jax.packing`, `train.pack`): its rows' real tokens end to end in
 G lines of W slots, each prompt once with its responses after it; the row fields are then None.
 """

@@ -10,8 +10,9 @@ import optax
 
 from models import SMOLLM2, ModelConfig, init_params, load_pretrained, load_tokenizer
 from models.lora import LoraSpec
-from optune_jax import distributed, sharding
-from optune_jax.schema import LoraSection, MeshSection, RandomModel, TrainSection
+from optune_jax import sharding
+from optune_jax.run import distributed
+from optune_jax.run.schema import LoraSection, MeshSection, RandomModel, TrainSection
 from optune_jax.train_step import make_optimizer
 
 

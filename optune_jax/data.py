@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from optune_jax.errors import RunError, describe_os_error, one_line
+from optune_jax.run.errors import RunError, describe_os_error, one_line
 
 OVERLONG = ("drop", "truncate")
 SUFFIXES = (".json", ".jsonl", ".parquet")  # .json(l) we parse ourselves, parquet via datasets

@@ -108,7 +108,7 @@ def _train_inputs(cfg, config, mesh, rules):
     )
     init = lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p))
     state = _abstract(jax.eval_shape(init, trainable), shardings)
-    # A micro-batches of M pairs, each row prompt + response tokens (optune_jax.pairs)
+    # A micro-batches of M pairs, each row prompt + response tokens (optune_jax.pair_rows)
     a, mb = t.batch_size // t.micro_batch_size, t.micro_batch_size
     seq = cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens
     samples = cfg.hypo.samples_per_prompt if get_loss(cfg.loss.name).needs_samples else 0
@@ -276,7 +276,7 @@ def main(argv=None) -> int:
         os.environ["JAX_PLATFORMS"] = "cpu"
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
-    from optune_jax.config import load_config
+    from optune_jax.run.config_file import load_config
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -10,7 +10,7 @@ import numpy as np
 
 from optune_jax import drift, text_checks
 from optune_jax.generate import EXACT, Generator, is_exact
-from optune_jax.pairs import layout
+from optune_jax.pair_rows import layout
 from optune_jax.reference import ReferenceLogps
 from optune_jax.scoring import ResponseScorer, part_means
 

@@ -9,8 +9,9 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from optune_jax import distributed, sharding
-from optune_jax.compile_time import CompileClock
+from optune_jax import sharding
+from optune_jax.run import distributed
+from optune_jax.run.compile_time import CompileClock
 from sampling import Generation, SamplingOptions, sample_prompts
 
 # draws of π_θ itself, whatever `sampling.*` says: the KL estimators are unbiased only for these

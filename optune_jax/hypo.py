@@ -10,7 +10,7 @@ import numpy as np
 
 from optune_jax.batch import OnlineSamples, PairBatch
 from optune_jax.generate import EXACT, Generator
-from optune_jax.pairs import layout
+from optune_jax.pair_rows import layout
 from optune_jax.prompts import PromptSet
 from optune_jax.reference import ReferenceLogps
 

@@ -17,16 +17,7 @@ import numpy as np
 from losses import get_loss
 from models import export_hf_checkpoint
 from models.lora import init_lora, lora_logical_axes, merge
-from optune_jax import (
-    distributed,
-    divergence,
-    eval_cache,
-    prompts,
-    reward_history,
-    selection,
-    sharding,
-)
-from optune_jax import rewards as rewards_lib
+from optune_jax import divergence, prompts, reward_history, selection, sharding
 from optune_jax.components import (
     build_mesh,
     build_optimizer,
@@ -37,13 +28,15 @@ from optune_jax.components import (
 from optune_jax.evaluate import Evaluator, mean_ci95
 from optune_jax.generate import Generator
 from optune_jax.hypo import OnlineSampleHook
-from optune_jax.metrics_log import MetricsLog
 from optune_jax.pair_source import make_source, pairs_from_file
+from optune_jax.policy_trainer import PolicyTrainer
 from optune_jax.reference import ReferenceLogps, kept_reference_logps
-from optune_jax.runner import Runner
+from optune_jax.rewards import functions as rewards_lib
+from optune_jax.run import distributed, eval_cache
+from optune_jax.run.metrics_log import MetricsLog
+from optune_jax.run.runner import Runner
 from optune_jax.scoring import ResponseScorer
 from optune_jax.train_step import LossChoice, NonFiniteGuard, PolicySpec
-from optune_jax.training import PolicyTrainer
 
 # Settings a resumed run may change; any other difference makes the checkpoint incompatible.
 RESUMABLE_CHANGES = (

@@ -169,7 +169,7 @@ def pack_rows(
     key_cost: float = 0.0,
     compiled: set | None = None,
 ) -> PackedRows:
-    """S responses to each of N prompts, laid out as rows (`optune_jax.pairs.layout`), packed:
+    """S responses to each of N prompts, laid out as rows (`optune_jax.pair_rows.layout`), packed:
     `PackedRows` [G, W] with J = N * S * Y targets. `keep_NS` (default all) leaves responses
     out (their logps come out 0). Lines of `line_len`, or of the length `choose_line` finds;
     G and J are rounded up to multiples of `shards`."""

@@ -20,10 +20,10 @@ from losses import LOSSES, get_loss
 from optune_jax import data as data_lib
 from optune_jax import selection
 from optune_jax.batch import PairBatch
-from optune_jax.errors import RunError
 from optune_jax.generate import Generator
-from optune_jax.pairs import layout, pair_batch
+from optune_jax.pair_rows import layout, pair_batch
 from optune_jax.prompts import PromptSet
+from optune_jax.run.errors import RunError
 from optune_jax.scoring import ResponseScorer, part_means
 
 _FITS = {  # which losses each mode can feed: (needs samples, needs rewards, rewarded) -> ok

@@ -6,7 +6,7 @@ import dataclasses
 import functools
 
 from optune_jax import data as data_lib
-from optune_jax.errors import RunError
+from optune_jax.run.errors import RunError
 from sampling import common_prefix
 
 

@@ -8,10 +8,11 @@ import functools
 import jax
 import numpy as np
 
-from optune_jax import distributed, sharding
+from optune_jax import sharding
 from optune_jax.batch import PairBatch
-from optune_jax.errors import RunError
 from optune_jax.packing import key_cost, pack_rows
+from optune_jax.run import distributed
+from optune_jax.run.errors import RunError
 from optune_jax.train_step import PolicySpec, packed_logps, response_logps
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from optune_jax import rewards as rewards_lib
+from optune_jax.rewards import functions as rewards_lib
 
 
 @dataclasses.dataclass

@@ -26,7 +26,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from models import ModelConfig, init_params, logical_axes, unstack_layers
-from optune_jax.schema import MESH_AXES  # ("data", "fsdp", "tensor")
+from optune_jax.run.schema import MESH_AXES  # ("data", "fsdp", "tensor")
 from optune_jax.train_step import TrainState
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]

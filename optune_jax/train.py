@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from optune_jax import run_plot
-from optune_jax.cli import Trainer
-from optune_jax.schema import RunConfig
+from optune_jax.run.cli import Trainer
+from optune_jax.run.schema import RunConfig
 
 
 def summary_table(records: list[dict]) -> str:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from optune_jax.cli import Trainer
-from optune_jax.schema import RMConfig
+from optune_jax.run.cli import Trainer
+from optune_jax.run.schema import RMConfig
 
 
 def summary_table(records: list[dict]) -> str:
@@ -23,7 +23,7 @@ def summary_table(records: list[dict]) -> str:
 TRAINER = Trainer(
     "python -m optune_jax.train_rm",
     "Train a reward model (Bradley–Terry) on preference pairs, for reward.name=model.",
-    RMConfig, "optune_jax.rm_training:RewardModelRun", summary_table, "transformers reward model",
+    RMConfig, "optune_jax.rewards.rm_trainer:RewardModelRun", summary_table, "transformers reward model",
 )
 
 main = TRAINER.main

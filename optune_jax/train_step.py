@@ -18,7 +18,7 @@ from losses import chosen_nll, get_loss, packed_sequence_logps, sequence_logps
 from models import ModelConfig, forward, forward_packed
 from models.lora import LoraSpec, merge
 from optune_jax.batch import PackedRows, PairBatch
-from optune_jax.errors import RunError
+from optune_jax.run.errors import RunError
 
 
 @dataclasses.dataclass(frozen=True)

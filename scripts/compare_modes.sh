@@ -19,4 +19,4 @@ for ref in current initial; do
       --set optune.reference="$ref" --set run.output_dir="$dir" "$@"
   done
 done
-"$py" -m optune_jax.report "$out"/* --out docs/results/modes_tiny
+"$py" -m optune_jax.study.report "$out"/* --out docs/results/modes_tiny

@@ -26,12 +26,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from optune_jax import ifeval, prompts, rewards  # noqa: E402
+from optune_jax import prompts  # noqa: E402
 from optune_jax.components import build_mesh, load_policy  # noqa: E402
-from optune_jax.config import load_config  # noqa: E402
-from optune_jax.errors import ConfigError  # noqa: E402
 from optune_jax.evaluate import mean_ci95  # noqa: E402
 from optune_jax.generate import Generator  # noqa: E402
+from optune_jax.rewards import functions as rewards
+from optune_jax.rewards import ifeval
+from optune_jax.run.config_file import load_config  # noqa: E402
+from optune_jax.run.errors import ConfigError  # noqa: E402
 from optune_jax.scoring import ResponseScorer  # noqa: E402
 
 

@@ -2,7 +2,7 @@
 
 Deterministic for a given seed. Held-out prompts use base instructions the training prompts never
 use. Each row: {"id", "prompt", "constraints": [{"type", ...params}], "base"}; the verifiers and
-the reward live in optune_jax/ifeval.py.
+the reward live in optune_jax/rewards/ifeval.py.
 Usage: python scripts/make_ifeval_data.py [--out-dir data/ifeval] [--seed 0]
 """
 
@@ -376,7 +376,7 @@ word cap leaves at least 10 words per bullet and 20 per paragraph.
 ## Share of each family
 
 {table}
-## Reward (optune_jax/ifeval.py, `ifeval_reward`)
+## Reward (optune_jax/rewards/ifeval.py, `ifeval_reward`)
 
 For k constraints of which m are satisfied, and a severity s_j in (0, 1] for each missed one
 (the size of the miss: relative distance to a word bound, fraction of uppercase letters or of

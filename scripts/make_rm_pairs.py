@@ -8,7 +8,7 @@ closing quotes, ...) and every other constraint met, checked by the verifier. Ca
 prompt (and per filler variant: 2 for train, 1 for heldout): one meeting every constraint, one
 missing each single constraint, and (k >= 2) one missing all of them.
 Pairs: the full candidate against each single miss, and each single miss against the all-miss
-one; the verifier's reward (optune_jax.ifeval) picks the chosen side; ties are skipped.
+one; the verifier's reward (optune_jax.rewards.ifeval) picks the chosen side; ties are skipped.
 
 Row: {"id", "prompt", "chosen", "rejected", "chosen_reward", "rejected_reward", "missed"}
 where `missed` lists the families the rejected response misses beyond the chosen one.
@@ -22,7 +22,7 @@ import json
 import random
 from pathlib import Path
 
-from optune_jax.ifeval import constraint_miss, prompt_reward
+from optune_jax.rewards.ifeval import constraint_miss, prompt_reward
 
 FILLER = (
     "the a one our your this that it we you they people day way place room road park garden "

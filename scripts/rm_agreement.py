@@ -1,7 +1,7 @@
 """How often a learned reward ranks held-out pairs as the IFEval verifier does.
 
 Scores both sides of every pair through the loop's own reward path (`reward: {name: model}`,
-optune_jax.reward_model.ModelReward) and reports the agreement (chosen scored strictly higher)
+optune_jax.rewards.learned.ModelReward) and reports the agreement (chosen scored strictly higher)
 overall and by the constraint family the rejected response misses.
 Usage: python scripts/rm_agreement.py [--model runs/rm_ifeval/model]
        [--pairs data/rm_ifeval/heldout.jsonl] [--out docs/results/rm_agreement.md]
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from optune_jax.reward_model import ModelReward
+from optune_jax.rewards.learned import ModelReward
 
 
 def agreement_table(pairs: list[dict], chosen: np.ndarray, rejected: np.ndarray) -> str:

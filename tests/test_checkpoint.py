@@ -7,8 +7,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from optune_jax.checkpoint import FILES, Checkpoints
-from optune_jax.errors import RunError
+from optune_jax.run.checkpoint import FILES, Checkpoints
+from optune_jax.run.errors import RunError
 
 HOST = {"x": np.arange(5)}
 

@@ -1,10 +1,11 @@
-"""The paper's claims read from groups of seeds (optune_jax.claims): verdicts against hand-made
-paired differences, and generation cost ratios with compile seconds apart."""
+"""The paper's claims read from groups of seeds (optune_jax.study.claims): verdicts against
+hand-made paired differences, and generation cost ratios with compile seconds apart."""
 
 import numpy as np
 import pytest
 
-from optune_jax import claims, study
+from optune_jax.study import claims
+from optune_jax.study import runs as study
 
 
 def _run(seed, final, *, initial=0.1, gen=(10.0, 5.0, 5.0), compile_s=(2.0, 1.0, 1.0),

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from optune_jax import compile_cache, train
-from optune_jax.compile_cache import ENV, resolve
-from optune_jax.config import load_config
-from optune_jax.errors import RunError
+from optune_jax import train
+from optune_jax.run import compile_cache
+from optune_jax.run.compile_cache import ENV, resolve
+from optune_jax.run.config_file import load_config
+from optune_jax.run.errors import RunError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,7 +81,7 @@ PROBE = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp
     from jax import monitoring
-    from optune_jax import compile_cache
+    from optune_jax.run import compile_cache
     events = []
     monitoring.register_event_listener(lambda name, **_: events.append(name))
     path = compile_cache.enable(None)  # the directory comes from the environment

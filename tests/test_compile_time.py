@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from optune_jax.compile_time import CompileClock, total
+from optune_jax.run.compile_time import CompileClock, total
 
 
 def test_a_new_program_counts_compile_seconds_and_a_compiled_one_none():

@@ -3,9 +3,9 @@ import dataclasses
 import pytest
 import yaml
 
-from optune_jax.config import config_to_dict, describe_options, load_config
-from optune_jax.errors import ConfigError
-from optune_jax.schema import RunConfig, TrainSection
+from optune_jax.run.config_file import config_to_dict, describe_options, load_config
+from optune_jax.run.errors import ConfigError
+from optune_jax.run.schema import RunConfig, TrainSection
 
 
 def _error(overrides, path=None) -> str:

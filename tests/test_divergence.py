@@ -5,7 +5,7 @@ import math
 import pytest
 
 from optune_jax import divergence
-from optune_jax.schema import EvalSection
+from optune_jax.run.schema import EvalSection
 
 INITIAL = {"iteration": -1, "eval.reward": 0.318, "eval.nll_initial": 0.9}
 HEALTHY = {"iteration": 1, "eval.reward": 0.4, "eval.reward_gain": 0.082,

@@ -86,7 +86,7 @@ def test_summary_shows_drift_and_answers_side_by_side():
 def test_missing_eos_penalty_lowers_only_cut_training_responses(tmp_path):
     """TRL's missing_eos_penalty: a training response cut at the budget loses exactly the
     penalty; finished responses and the held-out rewards keep the verifier's score."""
-    from optune_jax.pairs import ended_with_eos
+    from optune_jax.pair_rows import ended_with_eos
 
     run = OptuneRun(
         micro_config(

@@ -4,7 +4,7 @@ import jax
 import pytest
 
 from optune_jax import dryrun
-from optune_jax.config import load_config
+from optune_jax.run.config_file import load_config
 
 pytestmark = pytest.mark.optimized  # the memory of the programs a real run compiles
 

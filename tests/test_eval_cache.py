@@ -1,4 +1,4 @@
-"""π_0's evaluation kept on disk (optune_jax.eval_cache): what its key depends on, whole files
+"""π_0's evaluation kept on disk (optune_jax.run.eval_cache): what its key depends on, whole files
 only, and a second run that reuses it records exactly what the first computed."""
 
 import json
@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from optune_jax import eval_cache
 from optune_jax import evaluate as evaluate_lib
-from optune_jax.config import load_config
-from optune_jax.errors import RunError
 from optune_jax.loop import OptuneRun
+from optune_jax.run import eval_cache
+from optune_jax.run.config_file import load_config
+from optune_jax.run.errors import RunError
 from tests.test_loop import MICRO, ONE_DEVICE
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from optune_jax.config import load_config
 from optune_jax.loop import OptuneRun
+from optune_jax.run.config_file import load_config
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "heldout.py"
 

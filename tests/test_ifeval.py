@@ -1,4 +1,4 @@
-"""Verifiers, reward and generated data of the IFEval-style task (optune_jax/ifeval.py)."""
+"""Verifiers, reward and generated data of the IFEval-style task (optune_jax/rewards/ifeval.py)."""
 
 import functools
 import importlib.util
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from optune_jax import ifeval
+from optune_jax.rewards import ifeval
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "ifeval"

@@ -11,11 +11,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from optune_jax import reward_history, train
-from optune_jax.checkpoint import Checkpoints
-from optune_jax.config import load_config
-from optune_jax.errors import RunError
 from optune_jax.loop import OptuneRun
-from optune_jax.training import PolicyTrainer
+from optune_jax.policy_trainer import PolicyTrainer
+from optune_jax.run.checkpoint import Checkpoints
+from optune_jax.run.config_file import load_config
+from optune_jax.run.errors import RunError
 
 # a smaller tiny run for the tests that only need the machinery
 MICRO = [

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from optune_jax.errors import RunError
-from optune_jax.metrics_log import MetricsLog, strict
+from optune_jax.run.errors import RunError
+from optune_jax.run.metrics_log import MetricsLog, strict
 
 
 def _strict_json(line: str):

@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from optune_jax.checkpoint import Checkpoints
-from optune_jax.config import load_config
 from optune_jax.loop import OptuneRun
+from optune_jax.run.checkpoint import Checkpoints
+from optune_jax.run.config_file import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 400

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from optune_jax import report, train
-from optune_jax.errors import RunError
+from optune_jax import train
 from optune_jax.loop import OptuneRun
+from optune_jax.run.errors import RunError
+from optune_jax.study import report
 
 from .test_loop import MICRO, ONE_DEVICE, _fails, _iterations, _resumes_to, micro_config
 

@@ -17,7 +17,8 @@ from models import ModelConfig
 from optune_jax import sharding
 from optune_jax.batch import PairBatch
 from optune_jax.components import build_mesh, build_optimizer
-from optune_jax.config import load_config
+from optune_jax.policy_trainer import PolicyTrainer
+from optune_jax.run.config_file import load_config
 from optune_jax.train_step import (
     LossChoice,
     NonFiniteGuard,
@@ -26,7 +27,6 @@ from optune_jax.train_step import (
     make_optimizer,
     scale_by_linear_schedule,
 )
-from optune_jax.training import PolicyTrainer
 
 STEPS = 20
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from optune_jax.config import load_config
+from optune_jax.run.config_file import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

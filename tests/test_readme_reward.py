@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from optune_jax import rewards
-from optune_jax.config import load_config
+from optune_jax.rewards import functions as rewards
+from optune_jax.run.config_file import load_config
 
 
 def _example() -> tuple[str, str]:

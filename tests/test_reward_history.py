@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from optune_jax import reward_history
-from optune_jax.metrics_log import MetricsLog
+from optune_jax.run.metrics_log import MetricsLog
 from optune_jax.selection import PromptPool
 
 

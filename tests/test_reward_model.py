@@ -26,17 +26,18 @@ from models.reward_model import (
     reward_logical_axes,
     score_sequences,
 )
-from optune_jax import rewards, sharding
+from optune_jax import sharding
 from optune_jax.data import DataError
-from optune_jax.rm_data import (
+from optune_jax.rewards import functions as rewards
+from optune_jax.rewards.rm_data import (
     PairColumns,
     encode_conversation,
     load_preference_pairs,
     pair_batch,
     score_all,
 )
-from optune_jax.rm_training import rm_train_step
-from optune_jax.schema import RewardComponent, RewardSection
+from optune_jax.rewards.rm_trainer import rm_train_step
+from optune_jax.run.schema import RewardComponent, RewardSection
 from optune_jax.train_step import TrainState, make_optimizer
 
 PAD = 0

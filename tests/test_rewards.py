@@ -7,8 +7,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from optune_jax import rewards
-from optune_jax.schema import RewardComponent, RewardSection
+from optune_jax.rewards import functions as rewards
+from optune_jax.run.schema import RewardComponent, RewardSection
 
 ROWS = [{"constraints": [{"type": "lowercase"}]}, {"constraints": [{"type": "no_commas"}]}]
 
@@ -262,8 +262,8 @@ def test_a_weighted_reward_that_cannot_be_built_is_one_line(section, match):
 
 
 def test_weighted_components_load_from_yaml(tmp_path):
-    from optune_jax.config import load_config
-    from optune_jax.errors import ConfigError
+    from optune_jax.run.config_file import load_config
+    from optune_jax.run.errors import ConfigError
 
     path = tmp_path / "c.yaml"
     path.write_text("reward:\n  name: weighted\n  components:\n"

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from optune_jax.errors import RunError, describe_os_error, file_error
-from optune_jax.run_dir import prepare_run_dir, replace_dir
+from optune_jax.run.errors import RunError, describe_os_error, file_error
+from optune_jax.run.run_dir import prepare_run_dir, replace_dir
 
 CONFIG = {"optune": {"rho": 0.5}, "run": {"output_dir": "x"}}
 

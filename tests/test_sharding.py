@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from models import ModelConfig, init_params
 from optune_jax import sharding
-from optune_jax.checkpoint import Checkpoints
+from optune_jax.run.checkpoint import Checkpoints
 from optune_jax.train_step import LossChoice, PolicySpec, TrainState, make_optimizer, train_step
 from tests.test_train_step import as_batch, pairs
 

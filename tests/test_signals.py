@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from optune_jax import signals
+from optune_jax.run import signals
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

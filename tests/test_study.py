@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from optune_jax import study
+from optune_jax.study import runs as study
 
 
 def test_t_table_against_scipy():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import yaml
 
-from optune_jax import report, reward_history, sweep
+from optune_jax import reward_history
+from optune_jax.study import report, sweep
 
 from .test_loop import MICRO, ONE_DEVICE
 

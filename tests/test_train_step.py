@@ -11,7 +11,7 @@ import pytest
 from losses import sequence_logps
 from models import ModelConfig, forward, init_params
 from optune_jax.batch import PairBatch
-from optune_jax.errors import RunError
+from optune_jax.run.errors import RunError
 from optune_jax.train_step import (
     LossChoice,
     NonFiniteGuard,

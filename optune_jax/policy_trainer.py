@@ -11,7 +11,7 @@ import numpy as np
 from optune_jax import sharding
 from optune_jax.batch import PairBatch, micro_batches
 from optune_jax.packing import key_cost, pack_batch
-from optune_jax.steps import run_steps
+from optune_jax.run.step_loop import run_steps
 from optune_jax.train_step import (
     LossChoice,
     NonFiniteGuard,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from optune_jax import study
+from optune_jax.study import runs as study
 
 
 def _dashed(g: study.Group) -> bool:

@@ -9,8 +9,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from optune_jax.config import describe_options, load_config
-from optune_jax.errors import RunError, describe_os_error, file_error
+from optune_jax.run.config_file import describe_options, load_config
+from optune_jax.run.errors import RunError, describe_os_error, file_error
 
 
 def make_parser(prog: str, description: str, schema: type) -> argparse.ArgumentParser:
@@ -92,7 +92,7 @@ def run_main(argv: list[str] | None, trainer: Trainer) -> int:
     can fix; 128 + the signal's number after SIGINT or SIGTERM, with one line saying where a
     `--resume` continues). With several processes, process 0 speaks and writes."""
     args = make_parser(trainer.prog, trainer.description, trainer.schema).parse_args(argv)
-    from optune_jax import signals
+    from optune_jax.run import signals
 
     started: dict = {}  # "run": the run once built, for the line after a signal
     with signals.stop_on_signals():
@@ -131,7 +131,10 @@ def _run(args, trainer: Trainer, started: dict) -> int:
     summary_table, exported = trainer.summary_table, trainer.exported
     try:
         cfg = load_config(args.config, args.overrides, schema=schema)
-        from optune_jax import compile_cache, distributed  # heavy imports once the config is valid
+        from optune_jax.run import (
+            compile_cache,  # heavy imports once the config is valid
+            distributed,
+        )
 
         _quiet_libraries()
         d = getattr(cfg, "distributed", None)

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from optune_jax import study
+from optune_jax.study import runs as study
 
 OPTUNE = {"run.mode": "optune"}  # (any one reference, shared by the groups compared)
 HALF = {**OPTUNE, "optune.rho": 0.5, "optune.selection": "reward", "loss.name": "wdpo"}

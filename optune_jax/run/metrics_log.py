@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 
-from optune_jax.errors import RunError, file_error, one_line
+from optune_jax.run.errors import RunError, file_error, one_line
 
 
 def strict(value: Any) -> Any:

@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from optune_jax.errors import RunError, describe_os_error, file_error, one_line
+from optune_jax.run.errors import RunError, describe_os_error, file_error, one_line
 
 FILES = "optune_files.json"  # {relative path: size in bytes} of a complete step
 ITEMS = ("state", "host", "meta")  # the Composite's items, one directory each

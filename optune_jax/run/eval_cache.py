@@ -20,8 +20,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from optune_jax import distributed
-from optune_jax.errors import file_error
+from optune_jax.run import distributed
+from optune_jax.run.errors import file_error
 
 FORMAT = 1  # the cache file's layout; a new one never reads an old one
 _NOT_EVALUATION = ("divergence", "max_loss_ratio", "max_kl", "max_nll_rise", "initial_cache")

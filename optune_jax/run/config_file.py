@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from optune_jax.errors import ConfigError, describe_os_error
-from optune_jax.schema import RunConfig
+from optune_jax.run.errors import ConfigError, describe_os_error
+from optune_jax.run.schema import RunConfig
 
 
 class _Loader(yaml.SafeLoader):

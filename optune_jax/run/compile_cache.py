@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from optune_jax.errors import RunError, file_error
+from optune_jax.run.errors import RunError, file_error
 
 ENV = "OPTUNE_JAX_CACHE"
 OFF = "off"

@@ -1,5 +1,5 @@
 """The run configuration's schema: typed, frozen dataclass sections with their defaults and
-constraints (loaded and checked by `optune_jax.config`).
+constraints (loaded and checked by `optune_jax.run.config_file`).
 
 Range and choice constraints live in the fields' metadata (`option`), so one validator serves
 every field. The reward-model trainer's schema (`RMConfig`) reuses the policy's sections.
@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from optune_jax.errors import ConfigError
+from optune_jax.run.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
 
@@ -224,7 +224,7 @@ class RunSection:
     seed: int = 0
     keep_checkpoints: int = option(2, range=POSITIVE)
     # JAX's persistent compilation cache: "auto" (the user's cache dir), a directory, or null;
-    # the environment's OPTUNE_JAX_CACHE (a directory or "off") wins (optune_jax.compile_cache)
+    # the environment's OPTUNE_JAX_CACHE (a directory or "off") wins (optune_jax.run.compile_cache)
     compilation_cache: str | None = "auto"
 
 
@@ -304,7 +304,7 @@ class RMRunSection:
     seed: int = 0
     keep_checkpoints: int = option(2, range=POSITIVE)
     # JAX's persistent compilation cache: "auto" (the user's cache dir), a directory, or null;
-    # the environment's OPTUNE_JAX_CACHE (a directory or "off") wins (optune_jax.compile_cache)
+    # the environment's OPTUNE_JAX_CACHE (a directory or "off") wins (optune_jax.run.compile_cache)
     compilation_cache: str | None = "auto"
 
 

@@ -1,4 +1,4 @@
-"""`python -m optune_jax.sweep --config FILE --rho 0.3 0.5 0.7 1.0 --selection reward random
+"""`python -m optune_jax.study.sweep --config FILE --rho 0.3 0.5 0.7 1.0 --selection reward random
 --seeds 0 1 --out runs/rho_study`: the paper's ρ study (Fig. 3 and 5) as one resumable job.
 
 Variants that are not a grid: `--variant "optune.rho=0.5 optune.selection=random"` (repeatable,
@@ -26,8 +26,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from optune_jax.config import load_config
-from optune_jax.errors import ConfigError, RunError
+from optune_jax.run.config_file import load_config
+from optune_jax.run.errors import ConfigError, RunError
 
 
 def variant_name(rho: float, selection: str, seed: int) -> str:
@@ -87,7 +87,7 @@ def variants(rhos, selections, seeds):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m optune_jax.sweep", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m optune_jax.study.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -101,8 +101,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from optune_jax import compile_cache
     from optune_jax.loop import OptuneRun  # heavy imports after argument parsing
+    from optune_jax.run import compile_cache
 
     if args.variant and (args.rho or args.selection):
         print("error: --variant replaces --rho/--selection; give one or the other",
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
             print(f"[{i + 1}/{len(todo)}] {name}: done, skipped")
             continue
         print(f"[{i + 1}/{len(todo)}] {name}")
-        from optune_jax.cli import report_error, write_summary
+        from optune_jax.run.cli import report_error, write_summary
         from optune_jax.train import summary_table
 
         try:
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
                 run.close()
         except (RunError, OSError) as e:  # one line naming the variant's problem, exit code 2
             return report_error(e)
-    print(f"report: python -m optune_jax.report {args.out}/*")
+    print(f"report: python -m optune_jax.study.report {args.out}/*")
     return 0
 
 

@@ -27,17 +27,17 @@ from optune_jax import sharding
 from optune_jax.batch import ScoredPairBatch
 from optune_jax.components import build_mesh, build_optimizer, load_policy
 from optune_jax.data import split_eval
-from optune_jax.reward_model import Scorer, place
-from optune_jax.rm_data import (
+from optune_jax.rewards.learned import Scorer, place
+from optune_jax.rewards.rm_data import (
     PairColumns,
     encode_pairs,
     load_preference_pairs,
     pair_batch,
     score_all,
 )
-from optune_jax.runner import Runner
-from optune_jax.schema import RMConfig
-from optune_jax.steps import run_steps
+from optune_jax.run.runner import Runner
+from optune_jax.run.schema import RMConfig
+from optune_jax.run.step_loop import run_steps
 from optune_jax.train_step import NonFiniteGuard, TrainState, accumulated_step
 
 RESUMABLE_CHANGES = (

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 import jax
 from tqdm.auto import tqdm
 
-from optune_jax import distributed
+from optune_jax.run import distributed
 from optune_jax.train_step import NonFiniteGuard
 
 KL_METRICS = ("kl", "kl_surrogate")  # HyPO metrics: means over sampled prompts, not pairs

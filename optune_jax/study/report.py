@@ -1,4 +1,4 @@
-"""`python -m optune_jax.report RUN_DIR... [--out DIR] [--against KEY=VALUE...]`: a study's
+"""`python -m optune_jax.study.report RUN_DIR... [--out DIR] [--against KEY=VALUE...]`: a study's
 plots and tables.
 
 Runs are grouped by every config key that differs between them (`study.relevant`: not the
@@ -27,9 +27,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from optune_jax import claims, reward_history, study, study_plots
-from optune_jax.metrics_log import read_records
-from optune_jax.study import (
+from optune_jax import reward_history
+from optune_jax.run.metrics_log import read_records
+from optune_jax.study import claims
+from optune_jax.study import plots as study_plots
+from optune_jax.study import runs as study
+from optune_jax.study.runs import (
     PAPER_SPLIT,
     PHASES,
     curves,
@@ -189,7 +192,7 @@ def gain_table(groups: list[study.Group]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m optune_jax.report", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m optune_jax.study.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="run directories (with metrics.jsonl)")
     p.add_argument("--out", type=Path, default=Path("docs/results"))

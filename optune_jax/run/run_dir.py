@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from optune_jax.errors import RunError, file_error, one_line
+from optune_jax.run.errors import RunError, file_error, one_line
 
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = ".lock"  # held by the live run (flock); the kernel releases it when the process dies

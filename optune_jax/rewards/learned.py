@@ -23,7 +23,7 @@ import numpy as np
 
 from models import ModelConfig, load_tokenizer
 from models.reward_model import load_reward_checkpoint, reward_logical_axes, score_sequences
-from optune_jax.rm_data import conversation, encode_conversation, score_all
+from optune_jax.rewards.rm_data import conversation, encode_conversation, score_all
 
 
 def place(params, config: ModelConfig, mesh=None, rules=None):
@@ -31,7 +31,8 @@ def place(params, config: ModelConfig, mesh=None, rules=None):
     (optune_jax.sharding's logical-axis `rules`)."""
     if mesh is None:
         return jax.device_put(params)
-    from optune_jax import distributed, sharding
+    from optune_jax import sharding
+    from optune_jax.run import distributed
 
     shardings = sharding.tree_shardings(params, reward_logical_axes(config), mesh, rules)
     return distributed.put(params, shardings)
@@ -56,7 +57,8 @@ class Scorer:
     def __call__(self, params, tokens_BT, mask_BT) -> np.ndarray:
         if self.mesh is None:
             return np.asarray(self._score(params, tokens_BT, mask_BT))
-        from optune_jax import distributed, sharding
+        from optune_jax import sharding
+        from optune_jax.run import distributed
 
         split = sharding.batch_sharding(self.mesh, self.rules, len(tokens_BT))
         tokens_BT, mask_BT = distributed.put((tokens_BT, mask_BT), split)

@@ -18,12 +18,12 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from optune_jax import distributed, signals
-from optune_jax.checkpoint import Checkpoints
-from optune_jax.config import config_to_dict
-from optune_jax.errors import RunError
-from optune_jax.metrics_log import MetricsLog, strict
-from optune_jax.run_dir import RunLock, prepare_run_dir, replace_dir
+from optune_jax.run import distributed, signals
+from optune_jax.run.checkpoint import Checkpoints
+from optune_jax.run.config_file import config_to_dict
+from optune_jax.run.errors import RunError
+from optune_jax.run.metrics_log import MetricsLog, strict
+from optune_jax.run.run_dir import RunLock, prepare_run_dir, replace_dir
 from optune_jax.train_step import NonFiniteGuard
 
 

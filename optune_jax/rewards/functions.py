@@ -3,10 +3,10 @@
 
 `rows[i]` is the dataset row of the prompt that `responses[i]` answers (it carries metadata such
 as the IFEval `constraints`). What `reward.name` can name:
-- a built-in: "ifeval" (optune_jax.ifeval, verifiable instruction following, in [0, 1]),
+- a built-in: "ifeval" (optune_jax.rewards.ifeval, verifiable instruction following, in [0, 1]),
   "sentiment" (VADER's compound score of the response, in [-1, 1]), "tiny" (`tiny_reward`, for
   smoke runs of a randomly initialised tiny model);
-- "model": a learned reward model read from `reward.path` (optune_jax.reward_model.ModelReward);
+- "model": a learned reward model read from `reward.path` (optune_jax.rewards.learned.ModelReward);
 - "weighted": Σ_k weight_k · reward_k over `reward.components` (`WeightedReward`; each
   component's own scores are logged beside the total, like TRL's `reward_weights`);
 - any importable callable with the same contract, as "package.module:function" (a module in the
@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from optune_jax.errors import RunError
-from optune_jax.ifeval import ifeval_reward
+from optune_jax.rewards.ifeval import ifeval_reward
+from optune_jax.run.errors import RunError
 
 RewardFn = Callable[[Sequence[dict], Sequence[str]], np.ndarray]
 
@@ -152,7 +152,7 @@ def _one(section, *, prompt_column, dtype, mesh, rules, where: str = "reward") -
                 f"{where}.name=model needs {where}.path, a reward-model checkpoint directory "
                 "(python -m optune_jax.train_rm exports one to <run.output_dir>/model)"
             )
-        from optune_jax.reward_model import ModelReward  # jax and the checkpoint only when asked
+        from optune_jax.rewards.learned import ModelReward  # jax and the checkpoint only when asked
 
         return ModelReward(
             section.path, prompt_column=prompt_column, dtype=dtype, mesh=mesh, rules=rules
