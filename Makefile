@@ -38,7 +38,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/forward.py
-	$(BIN)/python benchmarks/sampler.py
+	$(BIN)/python benchmarks/sampler_speed.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,6 +1,7 @@
-"""Our side of one DPO optimizer step, shared by train_step.py (against TRL) and device_check.py:
-random token pairs, their batch as the loop lays it out, the step's model FLOPs, and a function
-running the reference pass + `train_step` (see train_step.py's docstring for the details)."""
+"""Our side of one DPO optimizer step, shared by train_step_speed.py (against TRL) and
+device_check.py: random token pairs, their batch as the loop lays it out, the step's model
+FLOPs, and a function running the reference pass + `train_step` (see train_step_speed.py's
+docstring for the details)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 from models import ModelConfig
 from optune_jax import train_step as ts
 from optune_jax.batch import PairBatch
+from optune_jax.optimizer import make_optimizer
 from optune_jax.packing import key_cost, pack_batch
 from optune_jax.pair_rows import layout
 
@@ -74,8 +76,8 @@ def make_ours(params, config: ModelConfig, batch: PairBatch, prompt_len: int, dt
     logps [M, 2]."""
     spec = ts.PolicySpec(config, dtype=dtype)
     loss = ts.LossChoice.from_values("dpo", {"beta": 0.1})
-    opt = ts.make_optimizer(name="rmsprop", learning_rate=1e-6, total_steps=100,
-                            warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0)
+    opt = make_optimizer(name="rmsprop", learning_rate=1e-6, total_steps=100,
+                         warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0)
     ref_params = jax.tree.map(jnp.copy, params)  # pi_0: its own buffers, never donated
     state = [ts.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=opt.init(params))]

@@ -1,6 +1,6 @@
 """What the benchmarks ran on: a machine block and the measured float32 matmul throughput.
 
-Shared by `forward.py` and `sampler.py`; run it alone to print the block:
+Shared by `forward.py` and `sampler_speed.py`; run it alone to print the block:
 `python benchmarks/machine.py [--matmul-size 2048] [--repeats 10]`.
 """
 

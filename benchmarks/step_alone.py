@@ -1,9 +1,9 @@
 """Our DPO step alone (no TRL in the process): the reference pass + `train_step` of
-train_step.py's side, on the same random SmolLM2 pairs, timed after the first call.
+train_step_speed.py's side, on the same random SmolLM2 pairs, timed after the first call.
 
     python benchmarks/step_alone.py [--response-tokens 62] [--repeats 3]
 
-For A/B tests of a code change without the peer's run beside it (train_step.py is the
+For A/B tests of a code change without the peer's run beside it (train_step_speed.py is the
 comparison against TRL); prints the machine and one line of s/step.
 """
 

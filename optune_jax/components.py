@@ -1,19 +1,28 @@
-"""What every trainer and the dry run build from a config: policy, mesh, optimizer, LoRA spec."""
+"""What every trainer and the dry run build from a config, one function each: the policy, the
+layout (mesh and rules), LoRA adapters and where they live, and the jitted train program."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from models import SMOLLM2, ModelConfig, init_params, load_pretrained, load_tokenizer
-from models.lora import LoraSpec
+from models.lora import LoraSpec, init_lora, lora_logical_axes
 from optune_jax import sharding
 from optune_jax.run import distributed
-from optune_jax.run.schema import LoraSection, MeshSection, RandomModel, TrainSection
-from optune_jax.train_step import make_optimizer
+from optune_jax.run.schema import (
+    LoraSection,
+    LossSection,
+    MeshSection,
+    ModelSection,
+    RandomModel,
+    RunConfig,
+)
+from optune_jax.train_step import LossChoice, PolicySpec, train_step
 
 
 @dataclasses.dataclass
@@ -55,48 +64,40 @@ def policy_tokenizer(model):
     return load_tokenizer(source)
 
 
-def load_policy(cfg, mesh=None, rules=sharding.DEFAULT_RULES, tokenizer=None):
+def load_policy(cfg, layout: sharding.Layout | None = None, tokenizer=None):
     """(Policy, initial params) from a config's `model` section (and `run.seed`): a pretrained
-    checkpoint or a random init. With a `mesh`, the parameters are created in (or copied
+    checkpoint or a random init. With a `layout`, the parameters are created in (or copied
     straight into) their shards. `tokenizer`: the model's, when already loaded."""
     model = cfg.model
     tokenizer = tokenizer or policy_tokenizer(model)
     if model.checkpoint == "random":
         config = random_architecture(model.random, tokenizer)
         key = jax.random.key(cfg.run.seed)
-        if mesh is not None:
+        if layout is not None:
             params = sharding.init_sharded_params(
-                config, key, mesh, rules, param_dtype=model.param_dtype
+                config, key, layout, param_dtype=model.param_dtype
             )
         else:
             params = init_params(config, key, param_dtype=model.param_dtype)
     else:
         config, params = load_pretrained(model.checkpoint, dtype=model.param_dtype)
-        if mesh is not None:
-            params = distributed.put(params, sharding.param_shardings(config, mesh, rules))
+        if layout is not None:
+            params = distributed.put(params, sharding.param_shardings(config, layout))
         else:
             params = jax.tree.map(jnp.asarray, params)
     eos = tuple(dict.fromkeys([*config.eos_token_id, tokenizer.eos_token_id]))
     return Policy(config, tokenizer, eos, int(tokenizer.pad_token_id)), params
 
 
-def build_mesh(m: MeshSection, devices=None):
-    """(mesh, logical-axis rules) of the `mesh` section."""
-    return sharding.make_mesh((m.data, m.fsdp, m.tensor), devices), sharding.make_rules(m.rules)
+def build_layout(m: MeshSection, devices=None) -> sharding.Layout:
+    """The `mesh` section's mesh and logical-axis rules."""
+    mesh = sharding.make_mesh((m.data, m.fsdp, m.tensor), devices)
+    return sharding.Layout(mesh, sharding.make_rules(m.rules))
 
 
-def build_optimizer(t: TrainSection, total_steps: int) -> optax.GradientTransformation:
-    """The `train` section's optimizer and schedule over a run of `total_steps` updates:
-    decaying to 0 after the warm-up with `train.schedule: per_iteration` (TRL's), else constant."""
-    return make_optimizer(
-        name=t.optimizer,
-        learning_rate=t.learning_rate,
-        total_steps=total_steps,
-        warmup_ratio=t.warmup_ratio,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        decay=t.schedule == "per_iteration",
-    )
+def policy_spec(config: ModelConfig, model: ModelSection, loss: LossSection) -> PolicySpec:
+    """What the train step and the reference logps know of the policy (`train_step.PolicySpec`)."""
+    return PolicySpec(config, model.dtype, model.remat, loss.average_logps, model.attention)
 
 
 def lora_spec(lc: LoraSection) -> LoraSpec | None:
@@ -104,3 +105,44 @@ def lora_spec(lc: LoraSection) -> LoraSpec | None:
     if lc.rank <= 0:
         return None
     return LoraSpec(lc.rank, lc.alpha, tuple(lc.targets), lc.num_adapters)
+
+
+def init_adapters(params, lora: LoraSpec, seed: int):
+    """Fresh LoRA adapters over `params` (run.seed + 1: the base's own init takes run.seed)."""
+    return init_lora(params, lora, jax.random.key(seed + 1))
+
+
+def adapter_shardings(adapters, config: ModelConfig, lora: LoraSpec, layout: sharding.Layout):
+    """Where each adapter lives: split like the base weight it adapts (`lora_logical_axes`)."""
+    return sharding.tree_shardings(adapters, lora_logical_axes(config, lora), layout)
+
+
+def train_program(
+    cfg: RunConfig,
+    config: ModelConfig,
+    layout: sharding.Layout,
+    *,
+    optimizer: optax.GradientTransformation,
+    lora: LoraSpec | None,
+    state_shardings,
+    frozen_shardings,
+):
+    """(the jitted train step, the sharding of its batches [A, M]): the run's loss over the
+    policy (design §2, §4 step 7). The trainer runs and the dry run measures this program."""
+    batch_sharding = sharding.batch_sharding(layout, cfg.train.micro_batch_size, axis=1)
+    step = functools.partial(
+        train_step,
+        optimizer=optimizer,
+        policy=policy_spec(config, cfg.model, cfg.loss),
+        loss=LossChoice.from_values(cfg.loss.name, dataclasses.asdict(cfg.loss)),
+        prompt_len=cfg.data.max_prompt_tokens,
+        lora=lora,
+    )
+    jitted = sharding.jit_train_step(
+        step,
+        layout,
+        state_shardings=state_shardings,
+        batch_sharding=batch_sharding,
+        frozen_shardings=frozen_shardings if lora else None,
+    )
+    return jitted, batch_sharding

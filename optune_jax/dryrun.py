@@ -77,34 +77,35 @@ def _abstract(tree, shardings):
     )
 
 
-def _train_inputs(cfg, config, mesh, rules):
-    """Abstract (state, batch, frozen, params) as the loop feeds the step, and its pieces."""
+def train_inputs(cfg, config, layout):
+    """Abstract (state, batch, frozen, params) as the loop feeds the train step, the state's
+    shardings, and the optimizer and LoRA spec: built by the functions the loop builds them
+    with (`components`, `optimizer`)."""
     import jax
     import jax.numpy as jnp
 
     from losses import get_loss
     from models import init_params
-    from models.lora import init_lora, lora_logical_axes
     from optune_jax import sharding
     from optune_jax.batch import PairBatch
-    from optune_jax.components import build_optimizer, lora_spec
+    from optune_jax.components import adapter_shardings, init_adapters, lora_spec
+    from optune_jax.optimizer import TrainState, build_optimizer, state_shardings
     from optune_jax.packing import longest_line
-    from optune_jax.train_step import TrainState
 
     t, m = cfg.train, cfg.model
     shapes = jax.eval_shape(
         lambda: init_params(config, jax.random.key(0), param_dtype=m.param_dtype)
     )
-    params = _abstract(shapes, sharding.param_shardings(config, mesh, rules))
+    params = _abstract(shapes, sharding.param_shardings(config, layout))
     trainable, frozen, lora = params, None, lora_spec(cfg.lora)
     if lora is not None:
-        adapters = jax.eval_shape(lambda: init_lora(shapes, lora, jax.random.key(0)))
-        specs = lora_logical_axes(config, lora)
-        trainable = _abstract(adapters, sharding.tree_shardings(adapters, specs, mesh, rules))
+        adapters = jax.eval_shape(lambda: init_adapters(shapes, lora, cfg.run.seed))
+        trainable = _abstract(adapters, adapter_shardings(adapters, config, lora, layout))
         frozen = params
-    optimizer = build_optimizer(t, total_steps=100)
-    shardings = sharding.state_shardings(
-        optimizer, trainable, jax.tree.map(lambda x: x.sharding, trainable), mesh
+    # the schedule's length lives in the optimizer state, so any count compiles the same program
+    optimizer = build_optimizer(t, updates_per_iteration=100).transform
+    shardings = state_shardings(
+        optimizer, trainable, jax.tree.map(lambda x: x.sharding, trainable), layout.mesh
     )
     init = lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p))
     state = _abstract(jax.eval_shape(init, trainable), shardings)
@@ -112,7 +113,7 @@ def _train_inputs(cfg, config, mesh, rules):
     a, mb = t.batch_size // t.micro_batch_size, t.micro_batch_size
     seq = cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens
     samples = cfg.hypo.samples_per_prompt if get_loss(cfg.loss.name).needs_samples else 0
-    split = sharding.batch_sharding(mesh, rules, mb, axis=1)
+    split = sharding.batch_sharding(layout, mb, axis=1)
     packed = None
     if t.pack:  # the worst case: a line per pair (optune_jax.packing)
         y, branches = cfg.sampling.max_new_tokens, 2 + samples
@@ -120,6 +121,21 @@ def _train_inputs(cfg, config, mesh, rules):
         packed = (mb, line, mb * branches * y)
     batch = PairBatch.abstract((a, mb), seq, samples=samples, sharding=split, packed=packed)
     return state, shardings, batch, frozen, params, optimizer, lora
+
+
+def lower_train_step(cfg, config, layout):
+    """(the train step as the loop builds it (`components.train_program`), lowered on abstract
+    inputs; those inputs)."""
+    import jax
+
+    from optune_jax.components import train_program
+
+    state, shardings, batch, frozen, params, optimizer, lora = train_inputs(cfg, config, layout)
+    step, _ = train_program(
+        cfg, config, layout, optimizer=optimizer, lora=lora, state_shardings=shardings,
+        frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen),
+    )
+    return step.lower(state, batch, frozen), (state, batch, frozen, params, lora)
 
 
 def plan(cfg, devices) -> Plan:
@@ -130,46 +146,30 @@ def plan(cfg, devices) -> Plan:
 
     from models import cache_slots
     from optune_jax import sharding
-    from optune_jax.components import build_mesh
-    from optune_jax.train_step import LossChoice, PolicySpec, train_step
+    from optune_jax.components import build_layout
     from sampling import SamplingOptions, generate
 
     config = architecture(cfg.model)
     m, t, s, p_len = cfg.mesh, cfg.train, cfg.sampling, cfg.data.max_prompt_tokens
-    mesh, rules = build_mesh(m, devices)
-    state, shardings, batch, frozen, params, optimizer, lora = _train_inputs(
-        cfg, config, mesh, rules
-    )
-    policy = PolicySpec(
-        config, cfg.model.dtype, cfg.model.remat, cfg.loss.average_logps, cfg.model.attention
-    )
-    loss = LossChoice.from_values(cfg.loss.name, dataclasses.asdict(cfg.loss))
-    step = sharding.jit_train_step(
-        lambda st, b, f: train_step(
-            st, b, f, optimizer=optimizer, policy=policy, loss=loss, prompt_len=p_len, lora=lora
-        ),
-        mesh,
-        rules,
-        state_shardings=shardings,
-        batch_sharding=jax.tree.leaves(batch)[0].sharding,
-        frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen),
-    )
+    layout = build_layout(m, devices)
+    mesh = layout.mesh
     start = time.perf_counter()
-    train = step.lower(state, batch, frozen).compile().memory_analysis()
+    lowered, (state, batch, frozen, params, lora) = lower_train_step(cfg, config, layout)
+    train = lowered.compile().memory_analysis()
     train_s = time.perf_counter() - start
 
     # the sampler as `optune_jax.generate` runs it: the weights copied into the decode layout,
     # then one generate call of sampling.batch_size prompts, num_samples each
-    b, n, infer = s.batch_size, s.num_samples, sharding.INFERENCE_RULES
+    b, n, infer = s.batch_size, s.num_samples, layout.decoding()
     opts = SamplingOptions(max_new_tokens=s.max_new_tokens, eos_ids=(0,), pad_id=0, num_samples=n)
-    split = sharding.batch_sharding(mesh, infer, b)
+    split = sharding.batch_sharding(infer, b)
     prompt = jax.ShapeDtypeStruct((b, p_len), np.int32, sharding=split)
     ids = jax.ShapeDtypeStruct((b,), np.int32, sharding=split)
     start = time.perf_counter()
-    to_decode = sharding.to_decode_layout(config, mesh, rules, cfg.model.dtype).lower(params)
+    to_decode = sharding.to_decode_layout(config, layout, cfg.model.dtype).lower(params)
     decode_params = to_decode.out_info
     reshard = to_decode.compile().memory_analysis()
-    with sharding.rules_context(mesh, infer):
+    with sharding.rules_context(infer):
         kw = dict(config=config, opts=opts, dtype=cfg.model.dtype)
         lowered = generate.lower(decode_params, prompt, prompt, ids, 0, 0, **kw)
     sample = lowered.compile().memory_analysis()
@@ -180,7 +180,7 @@ def plan(cfg, devices) -> Plan:
     layer_cache = jax.ShapeDtypeStruct(
         shape,
         jnp.dtype(cfg.model.dtype),
-        sharding=sharding.logical_sharding(shape, ("batch", "kv_heads", None, None), mesh, infer),
+        sharding=sharding.logical_sharding(shape, ("batch", "kv_heads", None, None), infer),
     )
     per_device = sharding.per_device_bytes
     a, mb = t.batch_size // t.micro_batch_size, t.micro_batch_size

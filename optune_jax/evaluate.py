@@ -12,6 +12,7 @@ from optune_jax import drift, text_checks
 from optune_jax.generate import EXACT, Generator, is_exact
 from optune_jax.pair_rows import layout
 from optune_jax.reference import ReferenceLogps
+from optune_jax.run.schema import EvalSection, SamplingSection
 from optune_jax.scoring import ResponseScorer, part_means
 
 EVAL_SEED_OFFSET = 1_000_003  # held-out draws use their own stream, the same every iteration
@@ -27,10 +28,14 @@ def mean_ci95(x_N: np.ndarray) -> float:
 class Evaluator:
     """Evaluates a policy on the held-out prompts (token ids, rows, shared prefix)."""
 
-    cfg: object  # RunConfig
-    generate: Generator
-    score: ResponseScorer
-    reference: ReferenceLogps
+    settings: EvalSection
+    sampling: SamplingSection
+    seed: int  # run.seed
+    prompt_len: int  # data.max_prompt_tokens
+    prompt_column: str  # data.prompt_column
+    generator: Generator
+    scorer: ResponseScorer
+    ref_logps: ReferenceLogps
     prompts: Sequence[Sequence[int]]
     rows: Sequence[dict]
     prefix: tuple[int, ...]
@@ -48,13 +53,13 @@ class Evaluator:
         π_0 itself, `initial`), and π_t's greedy answers: their NLL under π_0, EOS rate, length,
         repetition, on-topic rate, and the first `eval.examples` of them as text.
         """
-        e, s = self.cfg.eval, self.cfg.sampling
+        e, s = self.settings, self.sampling
         draw = functools.partial(
-            self.generate,
+            self.generator,
             params,
             self.prompts,
             np.arange(len(self.prompts)),
-            seed=self.cfg.run.seed + EVAL_SEED_OFFSET,
+            seed=self.seed + EVAL_SEED_OFFSET,
             iteration=0,
             num_samples=e.samples_per_prompt,
             max_new=e.max_new_tokens,
@@ -62,8 +67,8 @@ class Evaluator:
             prefix=self.prefix,
         )
         gen = draw(desc="evaluate")
-        texts = self.score.decode(gen.tokens, gen.lengths)
-        rewards_NS, parts = self.score.score_texts(self.rows, texts, e.samples_per_prompt)
+        texts = self.scorer.decode(gen.tokens, gen.lengths)
+        rewards_NS, parts = self.scorer.score_texts(self.rows, texts, e.samples_per_prompt)
         record = {
             "eval.reward": float(np.mean(rewards_NS, dtype=np.float64)),
             "eval.prompts": len(self.prompts),
@@ -87,15 +92,15 @@ class Evaluator:
             self.prompts,
             np.concatenate([samples.tokens, greedy.tokens], axis=1),
             np.concatenate([samples.lengths, greedy.lengths], axis=1),
-            prompt_len=self.cfg.data.max_prompt_tokens,
+            prompt_len=self.prompt_len,
             pad_id=self.pad_id,
         )
-        logp0 = self.reference(self.initial_params, *rows, summed=True)
+        logp0 = self.ref_logps(self.initial_params, *rows, summed=True)
         logp_t = samples.logps.sum(-1)[:, 0]  # the sampler's logps: π_t's own when exact
         kl = 0.0 if initial else drift.kl_per_token(logp_t, logp0[:, 0], samples.lengths[:, 0])
-        answers = self.score.texts(greedy.tokens[:, 0], greedy.lengths[:, 0])
+        answers = self.scorer.texts(greedy.tokens[:, 0], greedy.lengths[:, 0])
         k = min(e.examples, len(self.prompts))
-        column = self.cfg.data.prompt_column
+        column = self.prompt_column
         record.update({
             "eval.kl_initial": kl,
             "eval.nll_initial": drift.nll_per_token(logp0[:, 1], greedy.lengths[:, 0]),

@@ -10,8 +10,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from optune_jax import sharding
+from optune_jax.components import Policy
 from optune_jax.run import distributed
 from optune_jax.run.compile_time import CompileClock
+from optune_jax.run.schema import SamplingSection
 from sampling import Generation, SamplingOptions, sample_prompts
 
 # draws of π_θ itself, whatever `sampling.*` says: the KL estimators are unbiased only for these
@@ -29,10 +31,11 @@ class Generator:
     """`sample_prompts` on the run's mesh in the decode layout (`sharding.INFERENCE_RULES`),
     with a progress bar per call."""
 
-    cfg: object  # RunConfig
-    policy: object  # components.Policy
-    mesh: object
-    rules: object  # the training layout's (params arrive in it); decoding has its own
+    sampling: SamplingSection
+    policy: Policy
+    layout: sharding.Layout  # the training layout (params arrive in it); decoding has its own
+    dtype: str  # model.dtype, the compute dtype
+    prompt_len: int  # data.max_prompt_tokens
     progress: bool = True
 
     def __call__(
@@ -53,7 +56,7 @@ class Generator:
         """`num_samples` responses [N, S, Y] to each prompt; `override` replaces
         SamplingOptions fields (e.g. greedy=True, top_p=1.0). `compile_seconds` counts the
         tracing and compiling the call did (the decode-layout move included)."""
-        s = self.cfg.sampling
+        s = self.sampling
         opts = SamplingOptions(
             max_new_tokens=max_new or s.max_new_tokens,
             eos_ids=self.policy.eos_ids,
@@ -65,18 +68,16 @@ class Generator:
         )
         opts = dataclasses.replace(opts, **override)
         # the weights once per call in the decode layout, so no decode step gathers a layer
-        rules, dtype = sharding.INFERENCE_RULES, self.cfg.model.dtype
-        put = lambda x: distributed.put(x, sharding.batch_sharding(self.mesh, rules, len(x)))
+        decoding, dtype = self.layout.decoding(), self.dtype
+        put = lambda x: distributed.put(x, sharding.batch_sharding(decoding, len(x)))
         with CompileClock() as clock:
             if len(prompts):
-                to_decode = sharding.to_decode_layout(
-                    self.policy.config, self.mesh, self.rules, dtype
-                )
+                to_decode = sharding.to_decode_layout(self.policy.config, self.layout, dtype)
                 params = to_decode(params)
             with tqdm(
                 total=len(prompts), desc=desc, unit="prompt", disable=not self.progress,
                 leave=False,
-            ) as bar, sharding.rules_context(self.mesh, rules):
+            ) as bar, sharding.rules_context(decoding):
                 gen = sample_prompts(
                     params,
                     prompts,
@@ -86,7 +87,7 @@ class Generator:
                     seed=seed,
                     iteration=iteration,
                     batch_size=batch or s.batch_size,
-                    max_prompt_len=self.cfg.data.max_prompt_tokens,
+                    max_prompt_len=self.prompt_len,
                     dtype=dtype,
                     shared_prefix=prefix,
                     pack=s.pack_prompts,

@@ -13,16 +13,20 @@ from optune_jax.generate import EXACT, Generator
 from optune_jax.pair_rows import layout
 from optune_jax.prompts import PromptSet
 from optune_jax.reference import ReferenceLogps
+from optune_jax.run.schema import HypoSection
 
 
 @dataclasses.dataclass
 class OnlineSampleHook:
-    """`before_step` of `steps.run_steps` for one iteration: every `hypo.every` steps a fresh
+    """`before_step` of `step_loop.run_steps` for one iteration: every `hypo.every` steps a fresh
     draw for the batch's prompts (the KL term is masked out on the other steps)."""
 
-    cfg: object  # RunConfig
-    generate: Generator
-    reference: ReferenceLogps
+    hypo: HypoSection
+    seed: int  # run.seed
+    prompt_len: int  # data.max_prompt_tokens
+    micro_batches: int  # A: train.batch_size // train.micro_batch_size
+    generator: Generator
+    ref_logps: ReferenceLogps
     prompts: PromptSet
     policy_params: object  # state -> the policy's full weights
     ref_params: object
@@ -38,7 +42,7 @@ class OnlineSampleHook:
 
     def __call__(self, idx: np.ndarray, batch: PairBatch, state, step: int) -> PairBatch:
         """`batch` (pairs `idx` of D_t) with this step's samples (`mask` False: none drawn)."""
-        draw = step % self.cfg.hypo.every == 0
+        draw = step % self.hypo.every == 0
         if draw:
             start = time.perf_counter()
             self.samples = self.draw(self.prompt_idx[idx], state, step)
@@ -46,14 +50,14 @@ class OnlineSampleHook:
         return batch.replace(samples=self.samples.replace(mask=batch.pair_mask & draw))
 
     def draw(self, prompt_idx: np.ndarray, state, step: int) -> OnlineSamples:
-        cfg, s = self.cfg, self.cfg.hypo.samples_per_prompt
+        s = self.hypo.samples_per_prompt
         prompts = [self.prompts.ids[i] for i in prompt_idx]
-        gen = self.generate(
+        gen = self.generator(
             self.policy_params(state),
             prompts,
             # a fresh draw per step: ids offset by the step keep draws independent
             prompt_idx + step * len(self.prompts.ids),
-            seed=cfg.run.seed,
+            seed=self.seed,
             iteration=self.t,
             num_samples=s,
             desc=f"iter {self.t} online samples",
@@ -64,14 +68,13 @@ class OnlineSampleHook:
             prompts,
             gen.tokens,
             gen.lengths,
-            prompt_len=cfg.data.max_prompt_tokens,
-            pad_id=self.generate.policy.pad_id,
+            prompt_len=self.prompt_len,
+            pad_id=self.generator.policy.pad_id,
         )
-        ref = self.reference(self.ref_params, *rows)
+        ref = self.ref_logps(self.ref_params, *rows)
         self.counts["prompts_regenerated"] += len(prompt_idx)
         self.counts["responses_generated"] += len(prompt_idx) * s
         self.counts["tokens_generated"] += gen.tokens_generated
         self.counts["compile_seconds"] += gen.compile_seconds
-        a = cfg.train.batch_size // cfg.train.micro_batch_size
-        shaped = [x.reshape(a, -1, *x.shape[1:]) for x in (*rows, ref)]
+        shaped = [x.reshape(self.micro_batches, -1, *x.shape[1:]) for x in (*rows, ref)]
         return OnlineSamples(*shaped, mask=np.zeros(shaped[-1].shape[:2], bool))

@@ -1,13 +1,13 @@
 """The OPTune iteration end to end (Algorithm 1 of the OPTune paper; design §3-§4, §6): the wiring.
 
-pairs (select -> sample -> reward -> assemble D_t, `pair_source`) -> reference logps
-(`reference`) -> epochs of the loss (`training`, HyPO's samples through `hypo`) -> evaluate
-(`evaluate`) -> checkpoint (`runner`). Each phase lives in the module named after it.
+pairs (select -> sample -> reward -> assemble D_t, `pair_source`) -> reference logps (under the
+policy `reference_policy` chooses, `reference`) -> epochs of the loss (`policy_trainer`, HyPO's
+samples through `hypo`) -> evaluate (`evaluate`) -> checkpoint (`run.runner`). Each phase lives
+in the module named after it; `components` builds what they share.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 
@@ -16,27 +16,33 @@ import numpy as np
 
 from losses import get_loss
 from models import export_hf_checkpoint
-from models.lora import init_lora, lora_logical_axes, merge
-from optune_jax import divergence, prompts, reward_history, selection, sharding
+from models.lora import merge
+from optune_jax import divergence, prompts, reward_history, selection
 from optune_jax.components import (
-    build_mesh,
-    build_optimizer,
+    adapter_shardings,
+    build_layout,
+    init_adapters,
     load_policy,
     lora_spec,
+    policy_spec,
     policy_tokenizer,
+    train_program,
 )
 from optune_jax.evaluate import Evaluator, mean_ci95
 from optune_jax.generate import Generator
 from optune_jax.hypo import OnlineSampleHook
+from optune_jax.optimizer import build_optimizer, create_state, updates
 from optune_jax.pair_source import make_source, pairs_from_file
 from optune_jax.policy_trainer import PolicyTrainer
-from optune_jax.reference import ReferenceLogps, kept_reference_logps
-from optune_jax.rewards import functions as rewards_lib
+from optune_jax.reference import ReferenceLogps
+from optune_jax.reference_policy import reference_for
+from optune_jax.rewards.functions import make_reward
 from optune_jax.run import distributed, eval_cache
+from optune_jax.run.guard import NonFiniteGuard
 from optune_jax.run.metrics_log import MetricsLog
 from optune_jax.run.runner import Runner
+from optune_jax.run.schema import RunConfig
 from optune_jax.scoring import ResponseScorer
-from optune_jax.train_step import LossChoice, NonFiniteGuard, PolicySpec
 
 # Settings a resumed run may change; any other difference makes the checkpoint incompatible.
 RESUMABLE_CHANGES = (
@@ -70,7 +76,8 @@ class OptuneRun(Runner):
 
     unit, desc, resumable = "iteration", "OPTune", RESUMABLE_CHANGES
 
-    def __init__(self, cfg, *, resume: bool = False, overwrite: bool = False, progress=True):
+    def __init__(self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
+                 progress=True):
         # everything that can be wrong is checked before anything is written
         self.cfg = cfg
         from_file = pairs_from_file(cfg)
@@ -78,36 +85,30 @@ class OptuneRun(Runner):
         self.train_prompts, self.eval_prompts = prompts.load_prompts(
             cfg, tokenizer, pair_files=from_file
         )
-        self.mesh, self.rules = build_mesh(cfg.mesh)
-        reward_fn = rewards_lib.make_reward(  # a reward model is laid out like the policy
-            cfg.reward,
-            prompt_column=cfg.data.prompt_column,
-            dtype=cfg.model.dtype,
-            mesh=self.mesh,
-            rules=self.rules,
+        self.ref_policy = reference_for(cfg, num_prompts=len(self.train_prompts.ids),
+                                        pairs_from_file=from_file)
+        self.layout = build_layout(cfg.mesh)
+        reward_fn = make_reward(  # a reward model is laid out like the policy
+            cfg.reward, prompt_column=cfg.data.prompt_column, dtype=cfg.model.dtype,
+            layout=self.layout,
         )
-        self.policy, params = load_policy(cfg, self.mesh, self.rules, tokenizer)
+        self.policy, params = load_policy(cfg, self.layout, tokenizer)
         param_shardings = jax.tree.map(lambda x: x.sharding, params)
-        spec = PolicySpec(self.policy.config, cfg.model.dtype, cfg.model.remat,
-                          cfg.loss.average_logps, cfg.model.attention)
         t = cfg.train
-        steps = t.epochs * -(-len(self.train_prompts.ids) // t.batch_size)
-        # per_iteration: a run per iteration, the trainer restarting it over the steps it takes
-        continuous = t.schedule == "continuous"
-        optimizer = build_optimizer(t, steps * cfg.optune.iterations if continuous else steps)
+        plan = build_optimizer(t, updates_per_iteration=updates(t, len(self.train_prompts.ids)),
+                               iterations=cfg.optune.iterations)
         self.lora, self.frozen, trainable = lora_spec(cfg.lora), None, params
         if self.lora:  # adapters train; the base weights stay frozen (and are π_0)
             self.frozen = params
-            trainable = init_lora(params, self.lora, jax.random.key(cfg.run.seed + 1))
-            specs = lora_logical_axes(self.policy.config, self.lora)
+            trainable = jax.device_get(init_adapters(params, self.lora, cfg.run.seed))
             trainable = distributed.put(
-                jax.device_get(trainable),
-                sharding.tree_shardings(trainable, specs, self.mesh, self.rules),
+                trainable, adapter_shardings(trainable, self.policy.config, self.lora, self.layout)
             )
         self.initial_params = None  # π_0, for reference: initial and the drift metrics
-        if cfg.optune.reference == "initial" or cfg.eval.drift:  # on the host unless the base
+        if self.ref_policy.needs_initial or cfg.eval.drift:  # on the host unless the base
             self.initial_params = self.frozen if self.lora else distributed.get(params)
-        self.state, state_shardings = sharding.create_state(trainable, optimizer, self.mesh)
+        self.state, state_shardings = create_state(trainable, plan.transform,
+                                                            self.layout.mesh)
         self.initial_eval = np.zeros((len(self.eval_prompts.ids),), np.float32)
         self.totals = dict(
             prompts_regenerated=0, responses_generated=0, tokens_generated=0,
@@ -115,26 +116,29 @@ class OptuneRun(Runner):
         )
         self.guard = NonFiniteGuard(t.max_skipped_steps)
         # the phases
-        self.generate = Generator(cfg, self.policy, self.mesh, self.rules, progress)
-        self.score = ResponseScorer(cfg.reward.name, tokenizer, reward_fn, cfg.data.prompt_column)
-        self.source = make_source(cfg, self.policy, self.train_prompts, self.generate, self.score)
-        # reference: behavior or initial, the logps [P, 2] (chosen, rejected) of each prompt's
-        # pair under the policy that generated it, or under π_0: kept with the pair
-        self.kept_ref = np.full((len(self.train_prompts.ids), 2), np.nan, np.float32)
-        self.reference = ReferenceLogps(
-            spec,
-            prompt_len=cfg.data.max_prompt_tokens,
-            mesh=self.mesh,
-            rules=self.rules,
+        prompt_len = cfg.data.max_prompt_tokens
+        self.generator = Generator(cfg.sampling, self.policy, self.layout, cfg.model.dtype,
+                                   prompt_len, progress)
+        self.scorer = ResponseScorer(cfg.reward.name, tokenizer, reward_fn, cfg.data.prompt_column)
+        self.source = make_source(cfg, self.policy, self.train_prompts, self.generator,
+                                  self.scorer)
+        self.ref_logps = ReferenceLogps(
+            policy_spec(self.policy.config, cfg.model, cfg.loss),
+            prompt_len=prompt_len,
+            layout=self.layout,
             param_shardings=param_shardings,
             rows=2 * t.micro_batch_size,
             pack=t.pack,
         )
-        self.evaluate = Evaluator(
-            cfg,
-            self.generate,
-            self.score,
-            self.reference,
+        self.evaluator = Evaluator(
+            cfg.eval,
+            cfg.sampling,
+            cfg.run.seed,
+            prompt_len,
+            cfg.data.prompt_column,
+            self.generator,
+            self.scorer,
+            self.ref_logps,
             self.eval_prompts.ids,
             self.eval_prompts.rows,
             self.eval_prompts.prefix,
@@ -148,16 +152,13 @@ class OptuneRun(Runner):
         self.history = None if from_file else MetricsLog(
             self.out, resume_after=self.next_step - 1, name=reward_history.FILE, tensorboard=False
         )
+        step, batch_sharding = train_program(
+            cfg, self.policy.config, self.layout, optimizer=plan.transform, lora=self.lora,
+            state_shardings=state_shardings, frozen_shardings=param_shardings,
+        )
         self.trainer = PolicyTrainer(
-            cfg,
-            optimizer=optimizer,
-            spec=spec,
-            loss=LossChoice.from_values(cfg.loss.name, dataclasses.asdict(cfg.loss)),
-            lora=self.lora,
-            mesh=self.mesh,
-            rules=self.rules,
-            state_shardings=state_shardings,
-            frozen_shardings=param_shardings,
+            t, seed=cfg.run.seed, step=step, batch_sharding=batch_sharding, plan=plan,
+            state_shardings=state_shardings, prompt_len=prompt_len, model=self.policy.config,
             progress=progress,
         )
         self._merge = jax.jit(functools.partial(merge, spec=self.lora)) if self.lora else None
@@ -176,7 +177,7 @@ class OptuneRun(Runner):
             rewards=p.rewards_P2,
             iteration=p.iteration_P,
             initial_eval=self.initial_eval,
-            behavior_ref=self.kept_ref,  # the checkpoint key of older runs
+            behavior_ref=self.ref_policy.kept_P2,  # (the key older runs wrote)
         )
 
     def _restored(self, host: dict, meta: dict) -> None:
@@ -185,7 +186,7 @@ class OptuneRun(Runner):
             self.policy.pad_id,
         )
         self.initial_eval = np.asarray(host["initial_eval"])
-        self.kept_ref = np.array(host["behavior_ref"])
+        self.ref_policy.kept_P2 = np.array(host["behavior_ref"])
         self.totals = meta["totals"]
 
     def _meta(self) -> dict:
@@ -198,7 +199,7 @@ class OptuneRun(Runner):
             digest = eval_cache.key(self.cfg, params, self.eval_prompts.ids, self.eval_prompts.rows)
             found = eval_cache.load(cache, digest)
         if found is None:
-            self.initial_eval, record = self.evaluate(params, initial=True)
+            self.initial_eval, record = self.evaluator(params, initial=True)
             if cache:
                 eval_cache.save(cache, digest, self.initial_eval, record)
         else:
@@ -221,29 +222,21 @@ class OptuneRun(Runner):
         self._count(record, timers["generation"], timers["generation_compile"])
         # 7a. reference logps of the pairs (design §3); a fixed reference scores each pair once
         start = clock()
-        ref_params = self.initial_params if cfg.optune.reference == "initial" else pi_t
-        if cfg.optune.reference != "current":  # only the new pairs: kept ones keep theirs
-            kept_Q2 = self.kept_ref[prompt_idx]
-            new_Q = self.source.pool.iteration_P[prompt_idx] == t
-            if cfg.optune.reference == "initial":  # π_0 scores any pair it has not scored yet
-                new_Q |= ~np.isfinite(kept_Q2).all(axis=1)  # (file pairs; older checkpoints)
-            ref_Q2 = kept_reference_logps(self.reference, ref_params, batch, new_Q, kept_Q2,
-                                          reference_name=cfg.optune.reference)
-            self.kept_ref[prompt_idx] = ref_Q2
-        else:
-            ref_Q2 = self.reference(ref_params, batch.tokens, batch.attn, batch.resp)
+        new_Q = self.source.pool.iteration_P[prompt_idx] == t
+        ref_Q2 = self.ref_policy.logps(self.ref_logps, batch, prompt_idx, new_Q, pi_t=pi_t,
+                                       initial=self.initial_params)
         batch = batch.replace(ref_logps=ref_Q2)
         timers["reference"] = clock() - start
         # 7b. epochs of the loss over D_t (HyPO draws its online samples before its steps)
         start = clock()
         hook = None
-        if get_loss(cfg.loss.name).needs_samples:
-            if ref_params is self.state.params:
-                # the train step donates the state; HyPO's samples need π_t during training, so
-                # it waits on the host (use LoRA to keep a 7B reference on the device for free)
-                ref_params = distributed.get(ref_params)
-            hook = OnlineSampleHook(cfg, self.generate, self.reference, self.train_prompts,
-                                    self.policy_params, ref_params, prompt_idx, t)
+        if get_loss(cfg.loss.name).needs_samples:  # its KL term is to π_0 (make_reference)
+            t_cfg = cfg.train
+            hook = OnlineSampleHook(
+                cfg.hypo, cfg.run.seed, cfg.data.max_prompt_tokens,
+                t_cfg.batch_size // t_cfg.micro_batch_size, self.generator, self.ref_logps,
+                self.train_prompts, self.policy_params, self.initial_params, prompt_idx, t,
+            )
         self.state, train_metrics = self.trainer.train(
             self.state, batch, t, guard=self.guard, frozen=self.frozen, before_step=hook
         )
@@ -256,7 +249,7 @@ class OptuneRun(Runner):
         self._count(online, online["seconds"], online["compile_seconds"])
         # evaluate π_{t+1} on held-out prompts (design §6)
         start = clock()
-        eval_rewards, eval_record = self.evaluate(self.policy_params())
+        eval_rewards, eval_record = self.evaluator(self.policy_params())
         timers["evaluation"] = clock() - start
         if self.history is not None:  # D_t's rewards per prompt, before the metrics line
             self.history.write(reward_history.record(self.source.pool, t))

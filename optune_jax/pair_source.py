@@ -20,10 +20,12 @@ from losses import LOSSES, get_loss
 from optune_jax import data as data_lib
 from optune_jax import selection
 from optune_jax.batch import PairBatch
+from optune_jax.components import Policy
 from optune_jax.generate import Generator
 from optune_jax.pair_rows import layout, pair_batch
 from optune_jax.prompts import PromptSet
 from optune_jax.run.errors import RunError
+from optune_jax.run.schema import RunConfig
 from optune_jax.scoring import ResponseScorer, part_means
 
 _FITS = {  # which losses each mode can feed: (needs samples, needs rewards, rewarded) -> ok
@@ -33,13 +35,12 @@ _FITS = {  # which losses each mode can feed: (needs samples, needs rewards, rew
 }
 
 
-def pairs_from_file(cfg) -> bool:
+def pairs_from_file(cfg: RunConfig) -> bool:
     """True when the run's pairs are read from `data.offline_files`; RunError (one line) when
-    `loss.name` does not fit `run.mode`, or `optune.reference` or `sampling.num_samples`
-    does not fit them."""
+    `loss.name` does not fit `run.mode`, or `sampling.num_samples` does not fit the pairs."""
     rewarded = not cfg.data.offline_files  # pairs from a file carry no rewards
     fits = functools.partial(_FITS[cfg.run.mode], rewarded=rewarded)
-    loss, reference = get_loss(cfg.loss.name), cfg.optune.reference
+    loss = get_loss(cfg.loss.name)
     if not fits(loss):
         ok = [name for name, s in LOSSES.items() if fits(s)]
         raise RunError(
@@ -47,30 +48,26 @@ def pairs_from_file(cfg) -> bool:
             f"allowed: {', '.join(ok)}"
         )
     from_file = cfg.run.mode != "optune" and bool(cfg.data.offline_files)
-    if loss.needs_samples and reference != "initial":  # HyPO's KL is to π_0 (design §5)
-        raise RunError(f"optune.reference={reference} does not fit loss.name={cfg.loss.name}: "
-                       "its KL term is to the initial policy; allowed: initial")
-    if from_file and reference == "behavior":
-        raise RunError("optune.reference=behavior needs the policy that generated each pair; "
-                       "pairs from data.offline_files have none known; allowed: current, initial")
     if from_file and cfg.sampling.num_samples != 2:  # nothing is sampled to choose among
         raise RunError(f"sampling.num_samples={cfg.sampling.num_samples} has no effect on pairs "
                        "from data.offline_files; allowed: 2")
     return from_file
 
 
-def make_source(cfg, policy, prompts: PromptSet, generate: Generator, score: ResponseScorer):
+def make_source(cfg: RunConfig, policy: Policy, prompts: PromptSet, generator: Generator,
+                scorer: ResponseScorer) -> PairSource:
+    """The pair source `run.mode` (and `data.offline_files`) asks for."""
     if pairs_from_file(cfg):
         return FilePairs(cfg, policy, prompts)
     every = cfg.run.mode == "optune"
-    return SampledPairs(cfg, policy, prompts, generate, score, every_iteration=every)
+    return SampledPairs(cfg, policy, prompts, generator, scorer, every_iteration=every)
 
 
 class PairSource:
     """`pairs(t, pi_t, timers)` -> (host PairBatch [Q], prompt indices [Q], record); `pool`:
     the responses kept between iterations (saved with each checkpoint)."""
 
-    def __init__(self, cfg, policy, prompts: PromptSet):
+    def __init__(self, cfg: RunConfig, policy: Policy, prompts: PromptSet):
         self.cfg, self.policy, self.prompts = cfg, policy, prompts
         self.pool = selection.PromptPool.empty(
             len(prompts.ids), cfg.sampling.max_new_tokens, pad_id=policy.pad_id
@@ -80,7 +77,7 @@ class PairSource:
 class FilePairs(PairSource):
     """The pairs of `data.offline_files`, laid out once; nothing is generated."""
 
-    def __init__(self, cfg, policy, prompts: PromptSet):
+    def __init__(self, cfg: RunConfig, policy: Policy, prompts: PromptSet):
         super().__init__(cfg, policy, prompts)
         d, s = cfg.data, cfg.sampling
         enc = functools.partial(
@@ -117,9 +114,10 @@ class FilePairs(PairSource):
 class SampledPairs(PairSource):
     """Pairs of responses sampled from the policy and rewarded (design §4 steps 1-6)."""
 
-    def __init__(self, cfg, policy, prompts, generate, score, *, every_iteration: bool):
+    def __init__(self, cfg: RunConfig, policy: Policy, prompts: PromptSet, generator: Generator,
+                 scorer: ResponseScorer, *, every_iteration: bool):
         super().__init__(cfg, policy, prompts)
-        self.generate, self.score, self.every_iteration = generate, score, every_iteration
+        self.generator, self.scorer, self.every_iteration = generator, scorer, every_iteration
 
     def pairs(self, t: int, pi_t, timers: dict):
         """Steps 1-6 of design §4 at iteration t; without `every_iteration`, only t = 0
@@ -136,7 +134,7 @@ class SampledPairs(PairSource):
         # 2. sample S responses per selected prompt from π_t
         s = cfg.sampling.num_samples
         start = clock()
-        gen = self.generate(
+        gen = self.generator(
             pi_t,
             [self.prompts.ids[i] for i in idx],
             idx,
@@ -152,7 +150,7 @@ class SampledPairs(PairSource):
         start = clock()
         new_rewards, parts = np.zeros((0, s), np.float32), {}
         if len(idx):
-            new_rewards, parts = self.score.score_parts(
+            new_rewards, parts = self.scorer.score_parts(
                 [self.prompts.rows[i] for i in idx], gen.tokens, gen.lengths
             )
             # TRL's missing_eos_penalty: a response cut at the budget loses this much reward

@@ -3,74 +3,52 @@
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import numpy as np
 
+from models import ModelConfig
 from optune_jax import sharding
 from optune_jax.batch import PairBatch, micro_batches
+from optune_jax.optimizer import OptimizerPlan, fresh_opt_state, updates
 from optune_jax.packing import key_cost, pack_batch
+from optune_jax.run.guard import NonFiniteGuard
+from optune_jax.run.schema import TrainSection
 from optune_jax.run.step_loop import run_steps
-from optune_jax.train_step import (
-    LossChoice,
-    NonFiniteGuard,
-    PolicySpec,
-    fresh_opt_state,
-    train_step,
-    warmup_steps,
-)
 
 
 class PolicyTrainer:
-    """The jitted train step over the mesh and the epoch loop that feeds it."""
+    """Epochs over D_t through the jitted train step (`components.train_program`) on the mesh."""
 
     def __init__(
         self,
-        cfg,
+        train: TrainSection,
         *,
-        optimizer,
-        spec: PolicySpec,
-        loss: LossChoice,
-        lora,
-        mesh,
-        rules,
+        seed: int,
+        step,
+        batch_sharding,
+        plan: OptimizerPlan,
         state_shardings,
-        frozen_shardings,
+        prompt_len: int,
+        model: ModelConfig,
         progress: bool,
     ):
-        self.cfg, self.progress = cfg, progress
-        t = cfg.train
-        self.batch_sharding = sharding.batch_sharding(mesh, rules, t.micro_batch_size, axis=1)
+        self.train_cfg, self.seed, self.progress = train, seed, progress
+        self.step, self.batch_sharding, self.plan = step, batch_sharding, plan
         self.pack = None  # train.pack: lines split like the pairs, W a multiple of the split
-        if t.pack:
+        if train.pack:
             self.pack = functools.partial(
                 pack_batch,
-                prompt_len=cfg.data.max_prompt_tokens,
-                shards=sharding.split_count(self.batch_sharding, 1),
-                key_cost=key_cost(spec.config),
+                prompt_len=prompt_len,
+                shards=sharding.split_count(batch_sharding, 1),
+                key_cost=key_cost(model),
                 compiled=set(),  # the step's (lines, width) shapes so far
             )
-        self.step = sharding.jit_train_step(
-            functools.partial(
-                train_step,
-                optimizer=optimizer,
-                policy=spec,
-                loss=loss,
-                prompt_len=cfg.data.max_prompt_tokens,
-                lora=lora,
-            ),
-            mesh,
-            rules,
-            state_shardings=state_shardings,
-            batch_sharding=self.batch_sharding,
-            frozen_shardings=frozen_shardings if lora else None,
-        )
         # `train.schedule: per_iteration`: each iteration starts a new run (design §7), its
         # optimizer state created in place of the old one, in the same shards
         self.restart = jax.jit(
             lambda state, steps, warmup: state.replace(
-                opt_state=fresh_opt_state(optimizer, state.params, steps, warmup)
+                opt_state=fresh_opt_state(plan.transform, state.params, steps, warmup)
             ),
             out_shardings=state_shardings,
             donate_argnums=0,
@@ -88,24 +66,20 @@ class PolicyTrainer:
 
         return prepare
 
-    def steps_per_iteration(self, pairs: int) -> int:
-        return self.cfg.train.epochs * math.ceil(pairs / self.cfg.train.batch_size)
-
     def train(self, state, batch: PairBatch, t: int, *, guard: NonFiniteGuard, frozen=None,
               before_step=None):
         """(state, metrics) after `train.epochs` passes over the host batch [Q] in a seeded
         order per epoch; `before_step`: HyPO's online-sample hook. Each step's batch is packed
         (after the hook) with `train.pack`. With `train.schedule: per_iteration` the optimizer
         state starts afresh, its schedule over this iteration's steps: a run of its own."""
-        cfg = self.cfg.train
-        k = len(batch.pair_mask)
-        if cfg.schedule == "per_iteration":
-            n = self.steps_per_iteration(k)
-            state = self.restart(state, n, warmup_steps(cfg.warmup_ratio, n))
+        cfg, k = self.train_cfg, len(batch.pair_mask)
+        steps = updates(cfg, k)
+        if self.plan.restarts:
+            state = self.restart(state, *self.plan.restart_args(steps))
 
         def stream():
             for epoch in range(cfg.epochs):
-                order = np.random.default_rng([self.cfg.run.seed, t, epoch, 7]).permutation(k)
+                order = np.random.default_rng([self.seed, t, epoch, 7]).permutation(k)
                 yield from micro_batches(
                     batch, order, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size
                 )
@@ -118,7 +92,7 @@ class PolicyTrainer:
             sharding=self.batch_sharding,
             guard=guard,
             where=f"iteration {t}",
-            total=self.steps_per_iteration(k),
+            total=steps,
             desc=f"iter {t} train",
             progress=self.progress,
             before_step=self._prepare(before_step),

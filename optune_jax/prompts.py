@@ -7,6 +7,7 @@ import functools
 
 from optune_jax import data as data_lib
 from optune_jax.run.errors import RunError
+from optune_jax.run.schema import DataSection, RunConfig
 from sampling import common_prefix
 
 
@@ -23,7 +24,7 @@ class PromptSet:
     capped: str = ""  # "data.num_train_prompts=N but the files hold M" when it asked for more
 
 
-def load_prompts(cfg, tokenizer, *, pair_files: bool) -> tuple[PromptSet, PromptSet]:
+def load_prompts(cfg: RunConfig, tokenizer, *, pair_files: bool) -> tuple[PromptSet, PromptSet]:
     """(training, held-out) prompt sets. `pair_files`: training rows come from
     `data.offline_files` (prompt, chosen, rejected) instead of `data.train_files`."""
     d = cfg.data
@@ -67,7 +68,7 @@ def _cap_note(key: str, asked: int | None, available: int) -> str:
     return f"{key}={asked} but the files hold {available} prompts: all {available} used"
 
 
-def describe(train: PromptSet, held_out: PromptSet, d) -> str:
+def describe(train: PromptSet, held_out: PromptSet, d: DataSection) -> str:
     """One line for the console: the prompts used, and why any were dropped or cut."""
     line = functools.partial(data_lib.describe_prompts, max_tokens=d.max_prompt_tokens)
     caps = "".join(f"; {s.capped}" for s in (train, held_out) if s.capped)

@@ -9,10 +9,8 @@ import jax
 import numpy as np
 
 from optune_jax import sharding
-from optune_jax.batch import PairBatch
 from optune_jax.packing import key_cost, pack_rows
 from optune_jax.run import distributed
-from optune_jax.run.errors import RunError
 from optune_jax.train_step import PolicySpec, packed_logps, response_logps
 
 
@@ -26,8 +24,8 @@ class ReferenceLogps:
     """
 
     def __init__(
-        self, spec: PolicySpec, *, prompt_len: int, mesh, rules, param_shardings, rows,
-        pack: bool = False,
+        self, spec: PolicySpec, *, prompt_len: int, layout: sharding.Layout, param_shardings,
+        rows: int, pack: bool = False,
     ):
         def compiled(spec):
             if pack:
@@ -35,8 +33,8 @@ class ReferenceLogps:
             else:
                 fn = functools.partial(response_logps, policy=spec, prompt_len=prompt_len)
             return jax.jit(
-                sharding.with_rules(fn, mesh, rules),
-                out_shardings=sharding.replicated(mesh),
+                sharding.with_rules(fn, layout),
+                out_shardings=sharding.replicated(layout.mesh),
                 static_argnames=("num_seqs",) if pack else (),
             )
 
@@ -46,7 +44,7 @@ class ReferenceLogps:
         self.param_shardings, self.rows, self.pack = param_shardings, rows, pack
         self.prompt_len, self.key_cost = prompt_len, key_cost(spec.config)
         self.compiled: dict[int, set] = {}  # S -> the (lines, width) shapes compiled so far
-        self._rows_sharding = sharding.batch_sharding(mesh, rules, rows)
+        self._rows_sharding = sharding.batch_sharding(layout, rows)
 
     def __call__(self, params, tokens_NST, attn_NST, resp_NST, *, summed: bool = False):
         """float32 [N, S]: per-token means or sums as the loss takes them (`summed`: sums,
@@ -89,19 +87,3 @@ class ReferenceLogps:
             logps = np.asarray(fn(params, packed, num_seqs=prompts * s))
             out[start : start + m] = logps.reshape(prompts, s)[:m]
         return out
-
-
-def kept_reference_logps(reference: ReferenceLogps, params, batch: PairBatch, new_Q: np.ndarray,
-                         kept_Q2: np.ndarray, *, reference_name: str) -> np.ndarray:
-    """Reference logps [Q, 2] that a kept pair keeps (design §3): the new pairs (`new_Q`) scored
-    under `params`, the kept ones' `kept_Q2` as they were. `behavior` (BPO): params = π_t, which
-    generated the new pairs, a kept pair's logps from the π_t' that generated it; `initial`:
-    params = π_0, which does not change, so a kept pair's logps are the same computed again."""
-    out = np.array(kept_Q2, np.float32)
-    if new_Q.any():
-        out[new_Q] = reference(params, *(x[new_Q] for x in (batch.tokens, batch.attn, batch.resp)))
-    if not np.isfinite(out).all():
-        q = int(np.argmax(~np.isfinite(out).all(axis=1)))
-        raise RunError(f"pair {q} was kept without reference logps from the iteration that "
-                       f"generated it (optune.reference={reference_name})")
-    return out

@@ -1,12 +1,12 @@
 """The device mesh and the one table that maps the model's logical axes onto it.
 
-    mesh = make_mesh((1, -1, 1))                    # (data, fsdp, tensor); -1: the rest
-    rules = make_rules([("embed", None)])           # DEFAULT_RULES with overrides
-    params = init_sharded_params(config, key, mesh, rules)    # created sharded, never gathered
-    state, shardings = create_state(params, optimizer, mesh)  # optimizer state sharded alike
-    step = jit_train_step(fn, mesh, rules, state_shardings=shardings,
-                          batch_sharding=batch_sharding(mesh, rules, micro_batch_size, axis=1))
-    decode_params = to_decode_layout(config, mesh, rules, "bfloat16")(params)  # once per generate
+    layout = Layout(make_mesh((1, -1, 1)),         # (data, fsdp, tensor); -1: the rest
+                    make_rules([("embed", None)]))  # DEFAULT_RULES with overrides
+    params = init_sharded_params(config, key, layout)  # created sharded, never gathered
+    state, shardings = optimizer.create_state(params, tx, layout.mesh)  # (optune_jax.optimizer)
+    step = jit_train_step(fn, layout, state_shardings=shardings,
+                          batch_sharding=batch_sharding(layout, micro_batch_size, axis=1))
+    decode_params = to_decode_layout(config, layout, "bfloat16")(params)  # once per generate
 
 Model code speaks only logical names (models/layers.py); this file alone knows mesh axes.
 Activation constraints (`nn.with_logical_constraint`) take effect inside `rules_context`.
@@ -15,6 +15,7 @@ Activation constraints (`nn.with_logical_constraint`) take effect inside `rules_
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -22,12 +23,10 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from models import ModelConfig, init_params, logical_axes, unstack_layers
 from optune_jax.run.schema import MESH_AXES  # ("data", "fsdp", "tensor")
-from optune_jax.train_step import TrainState
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
@@ -69,6 +68,18 @@ INFERENCE_RULES: Rules = (
     ("adapters", None),
     ("lora_rank", None),
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A mesh and the rules that map logical axes onto it: where every array of a run lives."""
+
+    mesh: Mesh
+    rules: Rules = DEFAULT_RULES
+
+    def decoding(self) -> Layout:
+        """The same mesh under INFERENCE_RULES (the sampler's layout)."""
+        return Layout(self.mesh, INFERENCE_RULES)
 
 
 def make_rules(overrides: Sequence[Sequence[str | None]] = ()) -> Rules:
@@ -118,21 +129,22 @@ def make_mesh(shape: Sequence[int] = (1, -1, 1), devices=None) -> Mesh:
 
 
 @contextlib.contextmanager
-def rules_context(mesh: Mesh, rules: Rules):
+def rules_context(layout: Layout):
     """Activation constraints on: logical names resolve through `rules` onto `mesh`'s axes.
 
     Works around a jitted call or inside a traced function (see `with_rules`).
     """
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+    abstract = layout.mesh.abstract_mesh
+    with jax.sharding.use_abstract_mesh(abstract), nn.logical_axis_rules(layout.rules):
         yield
 
 
-def with_rules(fn, mesh: Mesh, rules: Rules):
+def with_rules(fn, layout: Layout):
     """`fn` traced under `rules_context`, so jitting it needs no context at the call site."""
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        with rules_context(mesh, rules):
+        with rules_context(layout):
             return fn(*args, **kwargs)
 
     return wrapped
@@ -146,27 +158,27 @@ def _divisible(axes, dim: int, mesh: Mesh):
     return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def logical_sharding(shape, names, mesh: Mesh, rules: Rules) -> NamedSharding:
+def logical_sharding(shape, names, layout: Layout) -> NamedSharding:
     """The sharding of an array of `shape` whose dims carry logical `names` (None: unnamed).
 
     A dim the mapped mesh axes do not divide drops axes from the end until they do (a batch of
     1 prompt, 2 kv heads on 4 tensor devices): correct, only less parallel.
     """
-    spec = nn.logical_to_mesh_axes(tuple(names), rules)
+    spec, mesh = nn.logical_to_mesh_axes(tuple(names), layout.rules), layout.mesh
     return NamedSharding(
         mesh, PartitionSpec(*(_divisible(a, d, mesh) for a, d in zip(spec, shape, strict=False)))
     )
 
 
-def tree_shardings(abstract, specs, mesh: Mesh, rules: Rules):
+def tree_shardings(abstract, specs, layout: Layout):
     """`logical_sharding` for each leaf of `abstract` with the logical `specs` tree."""
-    return jax.tree.map(lambda x, s: logical_sharding(x.shape, s, mesh, rules), abstract, specs)
+    return jax.tree.map(lambda x, s: logical_sharding(x.shape, s, layout), abstract, specs)
 
 
-def param_shardings(config: ModelConfig, mesh: Mesh, rules: Rules):
+def param_shardings(config: ModelConfig, layout: Layout):
     """NamedSharding of every parameter of `config`'s model (no weights are allocated)."""
     abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-    return tree_shardings(abstract, logical_axes(config), mesh, rules)
+    return tree_shardings(abstract, logical_axes(config), layout)
 
 
 def _unstacked(shardings, depth: int):
@@ -181,17 +193,16 @@ def decode_shardings(config: ModelConfig, mesh: Mesh):
     """NamedSharding of every parameter in the decode layout (INFERENCE_RULES), the layers
     unstacked into `layers_{i}` as `models.unstack_layers` does: a decode step reads each
     layer's weights in place instead of slicing (copying) them from the stack."""
-    stacked = param_shardings(config, mesh, INFERENCE_RULES)
+    stacked = param_shardings(config, Layout(mesh, INFERENCE_RULES))
     return _unstacked(stacked, config.num_hidden_layers)
 
 
 @functools.cache
-def to_decode_layout(config: ModelConfig, mesh: Mesh, rules: Rules, dtype: str):
-    """The program that copies `config`'s parameters from their layout under `rules` into the
-    decode layout (`decode_shardings`) in the compute `dtype`, compiled once per arguments:
-    run it once per call of `generate`, which then runs under `rules_context(mesh,
-    INFERENCE_RULES)`."""
-    source = _unstacked(param_shardings(config, mesh, rules), config.num_hidden_layers)
+def to_decode_layout(config: ModelConfig, layout: Layout, dtype: str):
+    """The program that copies `config`'s parameters from their `layout` into the decode
+    layout (`decode_shardings`) in the compute `dtype`, compiled once per arguments: run it
+    once per call of `generate`, which then runs under `rules_context(layout.decoding())`."""
+    source = _unstacked(param_shardings(config, layout), config.num_hidden_layers)
 
     def copy(params):
         # each layer's slice cast in its own shards, then moved: no float32 or whole-stack
@@ -199,16 +210,16 @@ def to_decode_layout(config: ModelConfig, mesh: Mesh, rules: Rules, dtype: str):
         cast = lambda w, s: jax.lax.with_sharding_constraint(w.astype(dtype), s)
         return jax.tree.map(cast, unstack_layers(params), source)
 
-    return jax.jit(copy, out_shardings=decode_shardings(config, mesh))
+    return jax.jit(copy, out_shardings=decode_shardings(config, layout.mesh))
 
 
-def batch_sharding(mesh: Mesh, rules: Rules, rows: int, *, axis: int = 0) -> NamedSharding:
+def batch_sharding(layout: Layout, rows: int, *, axis: int = 0) -> NamedSharding:
     """Arrays whose dim `axis` holds `rows` examples, split over the data axes that divide it.
 
     A NamedSharding also serves as a pytree prefix: one sharding for a whole dict of batch
     arrays (`*_AM...` with axis=1; rows `*_RT` with axis=0), trailing dims replicated.
     """
-    return logical_sharding((1,) * axis + (rows,), (None,) * axis + ("batch",), mesh, rules)
+    return logical_sharding((1,) * axis + (rows,), (None,) * axis + ("batch",), layout)
 
 
 def split_count(sharding: NamedSharding, axis: int) -> int:
@@ -224,49 +235,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def init_sharded_params(
-    config: ModelConfig, rng, mesh: Mesh, rules: Rules, *, param_dtype="float32"
+    config: ModelConfig, rng, layout: Layout, *, param_dtype="float32"
 ):
     """Random parameters created directly in their shards (`jit(init, out_shardings)`)."""
     init = functools.partial(init_params, config, param_dtype=param_dtype)
-    return jax.jit(init, out_shardings=param_shardings(config, mesh, rules))(rng)
-
-
-def state_shardings(
-    optimizer: optax.GradientTransformation, params_abstract, params_sharding, mesh
-):
-    """TrainState shardings: moments shaped like the params shard like them, counters replicate."""
-    opt_abstract = jax.eval_shape(optimizer.init, params_abstract)
-    opt = optax.tree_map_params(
-        optimizer,
-        lambda _, sharding: sharding,
-        opt_abstract,
-        params_sharding,
-        transform_non_params=lambda _: replicated(mesh),
-    )
-    return TrainState(step=replicated(mesh), params=params_sharding, opt_state=opt)
-
-
-def create_state(params, optimizer: optax.GradientTransformation, mesh: Mesh):
-    """(TrainState, its shardings) around already-placed `params`; the optimizer state is
-    created in its shards by `jit(init, out_shardings)`, never replicated first."""
-    shardings = state_shardings(optimizer, params, jax.tree.map(lambda x: x.sharding, params), mesh)
-    step, opt_state = jax.jit(
-        lambda p: (jnp.zeros((), jnp.int32), optimizer.init(p)),
-        out_shardings=(shardings.step, shardings.opt_state),
-    )(params)
-    return TrainState(step, params, opt_state), shardings
+    return jax.jit(init, out_shardings=param_shardings(config, layout))(rng)
 
 
 def jit_train_step(
-    step_fn, mesh: Mesh, rules: Rules, *, state_shardings, batch_sharding, frozen_shardings=None
+    step_fn, layout: Layout, *, state_shardings, batch_sharding, frozen_shardings=None
 ):
     """`step_fn(state, batch, frozen) -> (state, metrics)` jitted once with explicit shardings:
     the state keeps its shardings and is donated, the batch is split over the data axes,
     metrics come back replicated (readable on every host)."""
     return jax.jit(
-        with_rules(step_fn, mesh, rules),
+        with_rules(step_fn, layout),
         in_shardings=(state_shardings, batch_sharding, frozen_shardings),
-        out_shardings=(state_shardings, replicated(mesh)),
+        out_shardings=(state_shardings, replicated(layout.mesh)),
         donate_argnums=(0,),
     )
 

@@ -101,10 +101,17 @@ def _cell(text: str) -> str:
     return text.strip().replace("|", "\\|").replace("\n", "<br>") or "(empty)"
 
 
+def make_run(cfg: RunConfig, **kw):
+    """The run `cfg` describes (`loop.OptuneRun`; JAX loads once the config is valid)."""
+    from optune_jax.loop import OptuneRun
+
+    return OptuneRun(cfg, **kw)
+
+
 TRAINER = Trainer(
     "python -m optune_jax.train",
     "Online preference tuning with OPTune (reward-based regeneration + wDPO).",
-    RunConfig, "optune_jax.loop:OptuneRun", summary_table, "transformers model",
+    RunConfig, make_run, summary_table, "transformers model",
     headline=headline, plot=run_plot.plot_run,
 )
 

@@ -20,10 +20,18 @@ def summary_table(records: list[dict]) -> str:
     return "\n".join(lines + [f"| {a} | {b} | {c} |" for a, b, c in rows])
 
 
+def make_run(cfg: RMConfig, **kw):
+    """The run `cfg` describes (`rewards.rm_trainer.RewardModelRun`; JAX loads once the config
+    is valid)."""
+    from optune_jax.rewards.rm_trainer import RewardModelRun
+
+    return RewardModelRun(cfg, **kw)
+
+
 TRAINER = Trainer(
     "python -m optune_jax.train_rm",
     "Train a reward model (Bradley–Terry) on preference pairs, for reward.name=model.",
-    RMConfig, "optune_jax.rewards.rm_trainer:RewardModelRun", summary_table, "transformers reward model",
+    RMConfig, make_run, summary_table, "transformers reward model",
 )
 
 main = TRAINER.main

@@ -6,19 +6,16 @@ of the same responses packed (`PackedRows`, `optune_jax.packing`).
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
 
 from losses import chosen_nll, get_loss, packed_sequence_logps, sequence_logps
 from models import ModelConfig, forward, forward_packed
 from models.lora import LoraSpec, merge
 from optune_jax.batch import PackedRows, PairBatch
-from optune_jax.run.errors import RunError
+from optune_jax.optimizer import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,90 +46,6 @@ class LossChoice:
             tuple((k, float(values[k])) for k in spec.hyperparams),
             float(values.get("rpo_alpha", 0.0)),
         )
-
-
-@struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    opt_state: Any
-
-
-class ScheduleState(NamedTuple):
-    """Where the learning-rate schedule stands: `count` updates into a run of `run_steps`
-    updates whose first `run_warmup` warm up (a restart sets the last two, `fresh_opt_state`)."""
-
-    count: jax.Array
-    run_steps: jax.Array
-    run_warmup: jax.Array
-
-
-def warmup_steps(warmup_ratio: float, steps: int) -> int:
-    """TRL's warm-up length of a run of `steps` updates (transformers' `get_warmup_steps`)."""
-    return math.ceil(warmup_ratio * steps)
-
-
-def scale_by_linear_schedule(
-    learning_rate: float, *, steps: int, warmup_ratio: float, decay: bool
-) -> optax.GradientTransformation:
-    """Updates times -learning_rate × the factor of transformers'
-    `get_linear_schedule_with_warmup` at update c of a run of N updates, W warming up:
-    c / W while c < W (0 at the first update), then (N - c) / (N - W) down to 0 (`decay`) or 1.
-    N and W live in the state, so a restart over another N needs no new program."""
-
-    def init(params):
-        del params
-        n, w = (jnp.asarray(x, jnp.int32) for x in (steps, warmup_steps(warmup_ratio, steps)))
-        return ScheduleState(jnp.zeros((), jnp.int32), n, w)
-
-    def update(updates, state, params=None):
-        del params
-        c, n, w = (x.astype(jnp.float32) for x in state)
-        after = jnp.maximum(n - c, 0.0) / jnp.maximum(n - w, 1.0) if decay else 1.0
-        rate = -learning_rate * jnp.where(c < w, c / jnp.maximum(w, 1.0), after)
-        updates = jax.tree.map(lambda u: jnp.asarray(rate, u.dtype) * u, updates)
-        return updates, state._replace(count=optax.safe_increment(state.count))
-
-    return optax.GradientTransformation(init, update)
-
-
-def make_optimizer(
-    *,
-    name: str,
-    learning_rate: float,
-    total_steps: int,
-    warmup_ratio: float,
-    weight_decay: float,
-    max_grad_norm: float | None,
-    decay: bool = False,
-) -> optax.GradientTransformation:
-    """Global-norm clipping, then PyTorch's `torch.optim.RMSprop` defaults as TRL trains with
-    them (design §7: alpha 0.99, eps 1e-8 outside the square root, weight decay added to the
-    gradient) or `torch.optim.AdamW`'s, over the linear schedule of a run of `total_steps`
-    updates (`scale_by_linear_schedule`; `decay`: down to 0 after the warm-up, else constant)."""
-    schedule = scale_by_linear_schedule(
-        learning_rate, steps=total_steps, warmup_ratio=warmup_ratio, decay=decay
-    )
-    if name == "rmsprop":
-        parts = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
-        parts.append(optax.scale_by_rms(decay=0.99, eps=1e-8, eps_in_sqrt=False))
-    elif name == "adamw":  # decoupled weight decay, scaled by the schedule like the step
-        parts = [optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)]
-        parts += [optax.add_decayed_weights(weight_decay)] if weight_decay else []
-    else:
-        raise ValueError(f"unknown optimizer {name!r}; known: rmsprop, adamw")
-    clip = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm is not None else []
-    return optax.chain(*clip, *parts, schedule)
-
-
-def fresh_opt_state(optimizer: optax.GradientTransformation, params, steps, warmup):
-    """The optimizer state a new run starts from (zero moments, the schedule at its first
-    update) over `steps` updates of which `warmup` warm up (`warmup_steps`)."""
-    return optax.tree_utils.tree_set(
-        optimizer.init(params),
-        run_steps=jnp.asarray(steps, jnp.int32),
-        run_warmup=jnp.asarray(warmup, jnp.int32),
-    )
 
 
 def response_logps(params, tokens_BT, attn_BT, resp_BT, *, policy: PolicySpec, prompt_len: int):
@@ -287,7 +200,7 @@ def accumulated_step(state: TrainState, batch, loss_fn, *, optimizer):
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
     # a non-finite loss, gradient norm or update (its norm overflowing float32 too) leaves the
-    # state as it was; the host counts these steps (NonFiniteGuard) and stops a run of them
+    # state as it was; the host counts these steps (run/guard.py) and stops a run of them
     ok = (
         jnp.isfinite(metrics["loss"])
         & jnp.isfinite(metrics["grad_norm"])
@@ -297,40 +210,6 @@ def accumulated_step(state: TrainState, batch, loss_fn, *, optimizer):
     new = TrainState(state.step + 1, params, opt_state)
     # a cond, not a select over every leaf: 1.1 GiB less at the 7B step's peak (dryrun)
     return jax.lax.cond(ok, lambda: new, lambda: state), metrics
-
-
-@dataclasses.dataclass
-class NonFiniteGuard:
-    """Host-side count of skipped (non-finite) steps: `limit` in a row stop the run.
-
-    The count runs across iterations (and epochs); `in_a_row` is saved with a checkpoint so a
-    resumed run stops where an uninterrupted one would.
-    """
-
-    limit: int
-    in_a_row: int = 0
-
-    def counts(self, metrics: dict, *, where: str) -> bool:
-        """True when the step was applied; False when skipped. Raises RunError (one line,
-        naming `where`, e.g. "iteration 2, step 5") on the `limit`-th skipped step in a row."""
-        if not metrics["skipped"]:
-            self.in_a_row = 0
-            return True
-        self.in_a_row += 1
-        if self.in_a_row >= self.limit:
-            loss, norm = float(metrics["loss"]), float(metrics["grad_norm"])
-            if not math.isfinite(loss):
-                what = f"loss ({loss})"
-            elif not math.isfinite(norm):
-                what = f"gradient norm ({norm})"
-            else:
-                what = f"update (loss {loss:.4g} and gradient norm {norm:.4g} were finite)"
-            raise RunError(
-                f"{where}: {self.in_a_row} optimizer steps in a row were skipped, the last for a "
-                f"non-finite {what} (train.max_skipped_steps={self.limit}); the run stops here "
-                "and its newest checkpoint stays as it was"
-            )
-        return False
 
 
 def train_step(

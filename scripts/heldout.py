@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from optune_jax import prompts  # noqa: E402
-from optune_jax.components import build_mesh, load_policy  # noqa: E402
+from optune_jax.components import build_layout, load_policy  # noqa: E402
 from optune_jax.evaluate import mean_ci95  # noqa: E402
 from optune_jax.generate import Generator  # noqa: E402
 from optune_jax.rewards import functions as rewards
@@ -39,10 +39,11 @@ from optune_jax.scoring import ResponseScorer  # noqa: E402
 
 def evaluate(cfg, checkpoint: str, samples: int, seed: int) -> dict:
     """Rewards [N, S], EOS, lengths and per-family satisfaction of `checkpoint`'s samples."""
-    mesh, rules = build_mesh(cfg.mesh)
-    policy, params = load_policy(cfg, mesh, rules)
+    layout = build_layout(cfg.mesh)
+    policy, params = load_policy(cfg, layout)
     _, held_out = prompts.load_prompts(cfg, policy.tokenizer, pair_files=False)
-    generate = Generator(cfg, policy, mesh, rules, progress=True)
+    generate = Generator(cfg.sampling, policy, layout, cfg.model.dtype,
+                         cfg.data.max_prompt_tokens, progress=True)
     score = ResponseScorer(cfg.reward.name, policy.tokenizer, rewards.make_reward(cfg.reward))
     start = time.perf_counter()
     gen = generate(params, held_out.ids, np.arange(len(held_out.ids)), seed=seed, iteration=0,

@@ -88,7 +88,6 @@ GROUPS = {
     "tests/test_loop.py::test_failures_inside_the_checkpoint": "uninterrupted",
     "tests/test_loop.py::test_a_truncated_newest_checkpoint": "uninterrupted",
     "tests/test_loop.py::test_a_half_written_checkpoint": "uninterrupted",
-    "tests/test_operations.py::test_a_full_disk": "uninterrupted",
     "tests/test_operations.py::test_a_signal_mid_iteration": "uninterrupted",
     "tests/test_operations.py::test_a_line_lost": "uninterrupted",
     "tests/test_operations.py::test_the_report_says": "uninterrupted",

@@ -4,8 +4,7 @@ hand-made paired differences, and generation cost ratios with compile seconds ap
 import numpy as np
 import pytest
 
-from optune_jax.study import claims
-from optune_jax.study import runs as study
+from optune_jax.study import claims, stats
 
 
 def _run(seed, final, *, initial=0.1, gen=(10.0, 5.0, 5.0), compile_s=(2.0, 1.0, 1.0),
@@ -18,7 +17,7 @@ def _run(seed, final, *, initial=0.1, gen=(10.0, 5.0, 5.0), compile_s=(2.0, 1.0,
 
 def _group(match, runs):
     config = {"run.mode": "optune", "optune.reference": "initial", **match}
-    return study.Group(study.label(match), dict(match), config, runs)
+    return stats.Group(stats.label(match), dict(match), config, runs)
 
 
 FULL = {"optune.rho": 1.0, "loss.name": "wdpo"}
@@ -40,7 +39,7 @@ def test_each_claim_gets_its_paired_interval_and_verdict():
     assert "= -0.0500 ± 0.0000 held-out reward (3 paired seeds; share of ρ=1, loss=wdpo's " \
            "gain kept 88%). **holds: share of the gain kept 88% or more.**" in one
     d = np.array([-0.03, 0.03, -0.02])
-    mean, half_width, _ = study.mean_ci(d)
+    mean, half_width, _ = stats.mean_ci(d)
     assert f"= {mean:+.4f} ± {half_width:.4f}" in two and "**not resolved: the interval" in two
     assert "**holds.**" in three and "Fig. 6" in three
 

@@ -50,7 +50,7 @@ def test_evaluation_of_pi0_against_itself_has_zero_kl(tmp_path, top_p):
         micro_config(tmp_path, "eval.drift=true", f"sampling.top_p={top_p}", ONE_DEVICE),
         progress=False,
     )
-    rewards, record = run.evaluate(run.policy_params())  # not `initial`: measured, not set to 0
+    rewards, record = run.evaluator(run.policy_params())  # not `initial`: measured, not set to 0
     run.close()
     assert abs(record["eval.kl_initial"]) < 1e-4, record
     assert record["eval.nll_initial"] > 0 and 0 <= record["eval.greedy_eos_rate"] <= 1
@@ -97,7 +97,7 @@ def test_missing_eos_penalty_lowers_only_cut_training_responses(tmp_path):
     run.source.pairs(0, run.policy_params(), {})
     pool = run.source.pool
     n, s, width = pool.tokens_P2Y.shape
-    raw = run.score(run.train_prompts.rows, pool.tokens_P2Y, pool.lengths_P2)
+    raw = run.scorer(run.train_prompts.rows, pool.tokens_P2Y, pool.lengths_P2)
     cut = ~ended_with_eos(
         pool.tokens_P2Y.reshape(n * s, width), pool.lengths_P2.reshape(-1), run.policy.eos_ids
     ).reshape(n, s)
@@ -129,8 +129,8 @@ def test_evaluation_averages_several_samples_and_logs_reward_components(tmp_path
         ),
         progress=False,
     )
-    rewards, record = run.evaluate(run.policy_params())
-    _, record_again = run.evaluate(run.policy_params())
+    rewards, record = run.evaluator(run.policy_params())
+    _, record_again = run.evaluator(run.policy_params())
     assert rewards.shape == (4,) and record["eval.samples"] == 3 and record["eval.prompts"] == 4
     assert record["eval.reward"] == pytest.approx(float(np.mean(rewards)))
     want = record["eval.reward.sentiment"] + 0.5 * record["eval.reward.tiny"]

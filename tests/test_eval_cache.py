@@ -111,7 +111,7 @@ def test_a_generation_reports_the_seconds_its_new_program_took_to_compile(tmp_pa
     run = OptuneRun(cfg, progress=False)
     try:
         prompts = run.train_prompts
-        call = lambda: run.generate(  # noqa: E731  (7 new tokens: a shape no other test uses)
+        call = lambda: run.generator(  # noqa: E731  (7 new tokens: a shape no other test uses)
             run.policy_params(), prompts.ids[:3], np.arange(3), seed=0, iteration=0,
             num_samples=2, desc="", prefix=prompts.prefix, max_new=7)
         first, again = call(), call()

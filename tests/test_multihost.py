@@ -73,7 +73,7 @@ def test_two_processes_end_with_the_parameters_of_one(tmp_path):
         # meanwhile, the same run in one process on one device
         sets = [*SMALL, f"run.output_dir={tmp_path}/one", "mesh.fsdp=1"]
         one = OptuneRun(load_config("configs/tiny.yaml", sets), progress=False)
-        assert jax.process_count() == 1 and one.mesh.devices.size == 1
+        assert jax.process_count() == 1 and one.layout.mesh.devices.size == 1
         one.run()
         logs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
     finally:

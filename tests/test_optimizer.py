@@ -3,6 +3,7 @@
 `get_linear_schedule_with_warmup` with TRL's warm-up length; with `train.schedule:
 per_iteration` each iteration starts from fresh optimizer state, like a separate run."""
 
+import functools
 import math
 
 import jax
@@ -16,17 +17,18 @@ from transformers import get_linear_schedule_with_warmup
 from models import ModelConfig
 from optune_jax import sharding
 from optune_jax.batch import PairBatch
-from optune_jax.components import build_mesh, build_optimizer
-from optune_jax.policy_trainer import PolicyTrainer
-from optune_jax.run.config_file import load_config
-from optune_jax.train_step import (
-    LossChoice,
-    NonFiniteGuard,
-    PolicySpec,
+from optune_jax.components import build_layout
+from optune_jax.optimizer import (
+    build_optimizer,
+    create_state,
     fresh_opt_state,
     make_optimizer,
     scale_by_linear_schedule,
 )
+from optune_jax.policy_trainer import PolicyTrainer
+from optune_jax.run.config_file import load_config
+from optune_jax.run.guard import NonFiniteGuard
+from optune_jax.train_step import LossChoice, PolicySpec, train_step
 
 STEPS = 20
 
@@ -150,22 +152,33 @@ def test_per_iteration_starts_each_iteration_like_a_separate_run():
         "train.schedule=per_iteration", "train.epochs=2", "train.batch_size=4",
         "train.micro_batch_size=2", f"data.max_prompt_tokens={PROMPT}",
     ])
-    mesh, rules = build_mesh(cfg.mesh)
-    params = sharding.init_sharded_params(POLICY, jax.random.key(0), mesh, rules)
+    layout = build_layout(cfg.mesh)
+    mesh = layout.mesh
+    params = sharding.init_sharded_params(POLICY, jax.random.key(0), layout)
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    opt = build_optimizer(cfg.train, 2 * 2)  # planned: 8 pairs, 2 epochs of 2 steps
-    state, shardings = sharding.create_state(params, opt, mesh)
+    plan = build_optimizer(cfg.train, updates_per_iteration=2 * 2)  # 8 pairs, 2 epochs of 2 steps
+    opt = plan.transform
+    state, shardings = create_state(params, opt, mesh)
+    batch_sharding = sharding.batch_sharding(layout, cfg.train.micro_batch_size, axis=1)
+    step = sharding.jit_train_step(
+        functools.partial(
+            train_step, optimizer=opt, policy=PolicySpec(POLICY),
+            loss=LossChoice.from_values(cfg.loss.name,
+                                        dict(beta=cfg.loss.beta, beta2=cfg.loss.beta2)),
+            prompt_len=cfg.data.max_prompt_tokens, lora=None,
+        ),
+        layout, state_shardings=shardings, batch_sharding=batch_sharding,
+    )
     trainer = PolicyTrainer(
-        cfg, optimizer=opt, spec=PolicySpec(POLICY),
-        loss=LossChoice.from_values(cfg.loss.name, dict(beta=cfg.loss.beta, beta2=cfg.loss.beta2)),
-        lora=None, mesh=mesh, rules=rules, state_shardings=shardings, frozen_shardings=None,
+        cfg.train, seed=cfg.run.seed, step=step, batch_sharding=batch_sharding, plan=plan,
+        state_shardings=shardings, prompt_len=cfg.data.max_prompt_tokens, model=POLICY,
         progress=False,
     )
     state, _ = trainer.train(state, _pairs(8, seed=0), 0, guard=NonFiniteGuard(3))
     schedule = optax.tree_utils.tree_get(state.opt_state, "ScheduleState")
     assert int(schedule.count) == 4 and int(schedule.run_steps) == 4
     assert float(jnp.max(jax.tree.leaves(optax.tree_utils.tree_get(state.opt_state, "nu"))[0])) > 0
-    fresh = sharding.create_state(
+    fresh = create_state(
         jax.device_put(jax.device_get(state.params), param_shardings), opt, mesh
     )[0]
     batch = _pairs(3, seed=1)  # 3 pairs (ties dropped): 2 epochs of 1 step

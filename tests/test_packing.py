@@ -14,6 +14,7 @@ from losses import LOSSES, packed_sequence_logps, sequence_logps
 from models import init_params
 from models.lora import LoraSpec, init_lora
 from optune_jax.batch import OnlineSamples
+from optune_jax.optimizer import make_optimizer
 from optune_jax.packing import LINE_BUCKETS, choose_line, count_lines, pack_batch, pack_rows
 from optune_jax.train_step import (
     LossChoice,
@@ -21,7 +22,6 @@ from optune_jax.train_step import (
     TrainState,
     _trainable_loss,
     branch_logps,
-    make_optimizer,
     train_step,
 )
 
@@ -238,10 +238,10 @@ def test_the_reference_pass_packed_equals_padded(s):
     from optune_jax import sharding
     from optune_jax.reference import ReferenceLogps
 
-    mesh, rules = sharding.make_mesh((1, 1, 1)), sharding.make_rules()
+    layout = sharding.Layout(sharding.make_mesh((1, 1, 1)), sharding.make_rules())
     params = init_params(CONFIG, jax.random.key(0))
-    kw = dict(prompt_len=PROMPT, mesh=mesh, rules=rules, rows=4,
-              param_shardings=sharding.param_shardings(CONFIG, mesh, rules))
+    kw = dict(prompt_len=PROMPT, layout=layout, rows=4,
+              param_shardings=sharding.param_shardings(CONFIG, layout))
     batch = _with_samples(pairs(k=5, resp=7), s=s)
     rows = (batch.samples.tokens, batch.samples.attn, batch.samples.resp)
     for summed in (False, True):

@@ -28,6 +28,7 @@ from models.reward_model import (
 )
 from optune_jax import sharding
 from optune_jax.data import DataError
+from optune_jax.optimizer import TrainState, make_optimizer
 from optune_jax.rewards import functions as rewards
 from optune_jax.rewards.rm_data import (
     PairColumns,
@@ -38,7 +39,6 @@ from optune_jax.rewards.rm_data import (
 )
 from optune_jax.rewards.rm_trainer import rm_train_step
 from optune_jax.run.schema import RewardComponent, RewardSection
-from optune_jax.train_step import TrainState, make_optimizer
 
 PAD = 0
 SMALL = dict(
@@ -288,10 +288,8 @@ def test_model_reward_scores_the_chat_conversation(tmp_path):
         one = score(params, np.array([ids]), np.ones((1, len(ids)), np.int32))
         np.testing.assert_allclose(value, one[0], atol=1e-5)
     # under a mesh (8 simulated devices): weights laid out like the policy's, same scores
-    mesh = sharding.make_mesh((2, -1, 1))
-    on_mesh = rewards.make_reward(
-        RewardSection(name="model", path=str(path)), mesh=mesh, rules=sharding.make_rules()
-    )
+    layout = sharding.Layout(sharding.make_mesh((2, -1, 1)), sharding.make_rules())
+    on_mesh = rewards.make_reward(RewardSection(name="model", path=str(path)), layout=layout)
     assert len(on_mesh.params["embed"]["embedding"].sharding.device_set) == 8
     np.testing.assert_allclose(on_mesh(rows, responses), got, atol=1e-5)
     # a learned reward as one component of a weighted sum

@@ -11,8 +11,9 @@ from jax.sharding import PartitionSpec as P
 
 from models import ModelConfig, init_params
 from optune_jax import sharding
+from optune_jax.optimizer import TrainState, create_state, make_optimizer
 from optune_jax.run.checkpoint import Checkpoints
-from optune_jax.train_step import LossChoice, PolicySpec, TrainState, make_optimizer, train_step
+from optune_jax.train_step import LossChoice, PolicySpec, train_step
 from tests.test_train_step import as_batch, pairs
 
 CONFIG = ModelConfig(
@@ -66,19 +67,18 @@ def _single_device():
 
 
 def _sharded_state(shape):
-    mesh, rules = sharding.make_mesh(shape), sharding.make_rules()
-    params = jax.device_put(_host_params(), sharding.param_shardings(CONFIG, mesh, rules))
-    return mesh, rules, *sharding.create_state(params, OPT, mesh)
+    layout = sharding.Layout(sharding.make_mesh(shape), sharding.make_rules())
+    params = jax.device_put(_host_params(), sharding.param_shardings(CONFIG, layout))
+    return layout, *create_state(params, OPT, layout.mesh)
 
 
 def _sharded_step(shape, dtype="float32"):
-    mesh, rules, state, shardings = _sharded_state(shape)
+    layout, state, shardings = _sharded_state(shape)
     step = sharding.jit_train_step(
         _step_fn(dtype),
-        mesh,
-        rules,
+        layout,
         state_shardings=shardings,
-        batch_sharding=sharding.batch_sharding(mesh, rules, MICRO, axis=1),
+        batch_sharding=sharding.batch_sharding(layout, MICRO, axis=1),
     )
     return step(state, _batch(), None)
 
@@ -121,8 +121,8 @@ def test_bf16_compute_keeps_float32_master_weights():
 
 
 def test_random_init_is_created_in_its_shards():
-    mesh, rules = sharding.make_mesh((1, 4, 2)), sharding.make_rules()
-    params = sharding.init_sharded_params(CONFIG, jax.random.key(0), mesh, rules)
+    layout = sharding.Layout(sharding.make_mesh((1, 4, 2)), sharding.make_rules())
+    params = sharding.init_sharded_params(CONFIG, jax.random.key(0), layout)
     assert _kernel(params, "mlp", "gate_proj").sharding.spec == P(None, "fsdp", "tensor")
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), _host_params())
 
@@ -144,12 +144,12 @@ def test_a_checkpoint_saved_on_one_mesh_restores_on_another(tmp_path):
 
 
 def test_dims_the_mesh_does_not_divide_use_fewer_axes():
-    mesh, rules = sharding.make_mesh((2, 4, 1)), sharding.make_rules()
-    assert sharding.batch_sharding(mesh, rules, 16, axis=1).spec == P(None, ("data", "fsdp"))
-    assert sharding.batch_sharding(mesh, rules, 4).spec == P("data")  # 4 rows on 8 devices
-    assert sharding.batch_sharding(mesh, rules, 1).spec == P(None)
-    mesh = sharding.make_mesh((1, 2, 4))
-    specs = sharding.param_shardings(CONFIG, mesh, rules)  # 2 kv heads on 4 tensor devices
+    layout = sharding.Layout(sharding.make_mesh((2, 4, 1)), sharding.make_rules())
+    assert sharding.batch_sharding(layout, 16, axis=1).spec == P(None, ("data", "fsdp"))
+    assert sharding.batch_sharding(layout, 4).spec == P("data")  # 4 rows on 8 devices
+    assert sharding.batch_sharding(layout, 1).spec == P(None)
+    layout = sharding.Layout(sharding.make_mesh((1, 2, 4)), layout.rules)
+    specs = sharding.param_shardings(CONFIG, layout)  # 2 kv heads on 4 tensor devices
     assert _kernel(specs, "attn", "k_proj").spec == P(None, "fsdp", None, None)
     assert _kernel(specs, "attn", "q_proj").spec == P(None, "fsdp", "tensor", None)
 
@@ -188,16 +188,16 @@ def test_the_decode_layout_samples_what_one_device_samples(shape, heads, kv_head
     run = functools.partial(generate, seed=3, iteration=1, config=config, opts=opts)
     want = jax.device_get(run(host, tokens, mask, ids))
 
-    mesh, rules = sharding.make_mesh(shape), sharding.make_rules()
-    trained = jax.device_put(host, sharding.param_shardings(config, mesh, rules))
-    params = sharding.to_decode_layout(config, mesh, rules, "float32")(trained)
+    layout = sharding.Layout(sharding.make_mesh(shape), sharding.make_rules())
+    trained = jax.device_put(host, sharding.param_shardings(config, layout))
+    params = sharding.to_decode_layout(config, layout, "float32")(trained)
     q = params["layers_0"]["attn"]["q_proj"]["kernel"]  # [D, N, H]: the heads split
     assert q.sharding.spec == P(None, ("fsdp", "tensor"), None)
     k = params["layers_0"]["attn"]["k_proj"]["kernel"]  # one kv head a device (2 on 2 x 2)
     assert k.addressable_shards[0].data.shape[1] == 1
-    infer = sharding.INFERENCE_RULES
-    put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, infer, len(x)))
-    with sharding.rules_context(mesh, infer):
+    infer = layout.decoding()  # the same mesh under sharding.INFERENCE_RULES
+    put = lambda x: jax.device_put(x, sharding.batch_sharding(infer, len(x)))
+    with sharding.rules_context(infer):
         got = jax.device_get(run(params, put(tokens), put(mask), put(ids)))
     np.testing.assert_array_equal(got.tokens_BSY, want.tokens_BSY)
     np.testing.assert_array_equal(got.lengths_BS, want.lengths_BS)

@@ -41,3 +41,23 @@ def test_a_deferred_block_that_fails_keeps_its_own_error():
             os.kill(os.getpid(), signal.SIGTERM)
             signal.sigtimedwait([], 0)
             raise ValueError("disk")
+
+
+def test_a_stop_swallowed_where_it_landed_is_raised_at_the_next_check():
+    """A raise caught by a callback (XLA's gc callback swallows exceptions) is not lost: the
+    next `check` between steps raises it; none is pending before a signal or after the block."""
+    with signals.stop_on_signals():
+        signals.check()  # nothing received yet
+    with pytest.raises(signals.Interrupted) as info, signals.stop_on_signals():
+        try:  # as a callback whose exceptions Python ignores
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.sigtimedwait([], 0)
+        except signals.Interrupted:
+            pass
+        with signals.deferred():
+            signals.check()  # a checkpoint under way is not cut short
+        signals.check()
+        raise AssertionError("the stop was lost")
+    assert info.value.exit_code == 128 + signal.SIGTERM
+    with signals.stop_on_signals():
+        signals.check()  # the next run starts clean

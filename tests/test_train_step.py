@@ -11,13 +11,13 @@ import pytest
 from losses import sequence_logps
 from models import ModelConfig, forward, init_params
 from optune_jax.batch import PairBatch
+from optune_jax.optimizer import make_optimizer
 from optune_jax.run.errors import RunError
+from optune_jax.run.guard import NonFiniteGuard
 from optune_jax.train_step import (
     LossChoice,
-    NonFiniteGuard,
     PolicySpec,
     TrainState,
-    make_optimizer,
     response_logps,
     train_step,
 )

@@ -144,7 +144,7 @@ class WeightedReward:
         return self.total(self.parts(rows, responses))
 
 
-def _one(section, *, prompt_column, dtype, mesh, rules, where: str = "reward") -> RewardFn:
+def _one(section, *, prompt_column, dtype, layout, where: str = "reward") -> RewardFn:
     """The reward of one `name` (+ `path`): a reward model, a built-in or an imported callable."""
     if section.name == MODEL_REWARD:
         if not section.path:
@@ -155,7 +155,7 @@ def _one(section, *, prompt_column, dtype, mesh, rules, where: str = "reward") -
         from optune_jax.rewards.learned import ModelReward  # jax and the checkpoint only when asked
 
         return ModelReward(
-            section.path, prompt_column=prompt_column, dtype=dtype, mesh=mesh, rules=rules
+            section.path, prompt_column=prompt_column, dtype=dtype, layout=layout
         )
     if section.path is not None:
         raise ValueError(
@@ -167,16 +167,16 @@ def _one(section, *, prompt_column, dtype, mesh, rules, where: str = "reward") -
 
 
 def make_reward(
-    section, *, prompt_column: str = "prompt", dtype: str = "float32", mesh=None, rules=None
+    section, *, prompt_column: str = "prompt", dtype: str = "float32", layout=None
 ) -> RewardFn:
     """The reward function of a run's `reward` config section (`name`, `path`, `components`).
 
     Name "model" loads the reward-model checkpoint at `path`, scoring each row's
-    `prompt_column` with its response in `dtype` (laid out on `mesh` by `rules` when given);
+    `prompt_column` with its response in `dtype` (laid out by the run's `layout` when given);
     "weighted" builds a `WeightedReward` of `components`; any other name is a built-in or an
     importable callable. Raises ValueError (one line) for anything that cannot be built.
     """
-    kw = dict(prompt_column=prompt_column, dtype=dtype, mesh=mesh, rules=rules)
+    kw = dict(prompt_column=prompt_column, dtype=dtype, layout=layout)
     components = getattr(section, "components", ())
     if section.name != WEIGHTED:
         if components:

@@ -26,15 +26,15 @@ from models.reward_model import load_reward_checkpoint, reward_logical_axes, sco
 from optune_jax.rewards.rm_data import conversation, encode_conversation, score_all
 
 
-def place(params, config: ModelConfig, mesh=None, rules=None):
-    """Reward-model weights on the default device, or laid out on `mesh` like the policy's
-    (optune_jax.sharding's logical-axis `rules`)."""
-    if mesh is None:
+def place(params, config: ModelConfig, layout=None):
+    """Reward-model weights on the default device, or laid out like the policy's (the run's
+    `optune_jax.sharding.Layout`)."""
+    if layout is None:
         return jax.device_put(params)
     from optune_jax import sharding
     from optune_jax.run import distributed
 
-    shardings = sharding.tree_shardings(params, reward_logical_axes(config), mesh, rules)
+    shardings = sharding.tree_shardings(params, reward_logical_axes(config), layout)
     return distributed.put(params, shardings)
 
 
@@ -42,25 +42,26 @@ class Scorer:
     """`(params, tokens_BT, mask_BT) -> float32 NumPy [B]`: `score_sequences` jitted once per
     shape; under a mesh each batch's rows are split over the data axes."""
 
-    def __init__(self, config: ModelConfig, *, dtype="float32", mesh=None, rules=None):
-        self.mesh, self.rules = mesh, rules
+    def __init__(self, config: ModelConfig, *, dtype="float32", layout=None):
+        self.layout = layout
         score = functools.partial(score_sequences, config=config, dtype=dtype)
-        if mesh is None:
+        if layout is None:
             self._score = jax.jit(score)
         else:
             from optune_jax import sharding
 
             self._score = jax.jit(
-                sharding.with_rules(score, mesh, rules), out_shardings=sharding.replicated(mesh)
+                sharding.with_rules(score, layout),
+                out_shardings=sharding.replicated(layout.mesh),
             )
 
     def __call__(self, params, tokens_BT, mask_BT) -> np.ndarray:
-        if self.mesh is None:
+        if self.layout is None:
             return np.asarray(self._score(params, tokens_BT, mask_BT))
         from optune_jax import sharding
         from optune_jax.run import distributed
 
-        split = sharding.batch_sharding(self.mesh, self.rules, len(tokens_BT))
+        split = sharding.batch_sharding(self.layout, len(tokens_BT))
         tokens_BT, mask_BT = distributed.put((tokens_BT, mask_BT), split)
         return np.asarray(distributed.get(self._score(params, tokens_BT, mask_BT)))
 
@@ -75,8 +76,8 @@ class ModelReward:
       batch_size: sequences per call (rows are padded to a power of two up to it).
       max_tokens: longest conversation scored (its last tokens are kept); None: the model's
         max_position_embeddings.
-      mesh, rules: the run's device mesh and logical-axis rules (optune_jax.sharding); None:
-        the default device.
+      layout: the run's mesh and logical-axis rules (`optune_jax.sharding.Layout`); None: the
+        default device.
     """
 
     def __init__(
@@ -87,12 +88,11 @@ class ModelReward:
         dtype: str = "float32",
         batch_size: int = 32,
         max_tokens: int | None = None,
-        mesh=None,
-        rules=None,
+        layout=None,
     ):
         self.config, params = load_reward_checkpoint(path, dtype=dtype)
-        self.params = place(params, self.config, mesh, rules)
-        self.score_batch = Scorer(self.config, dtype=dtype, mesh=mesh, rules=rules)
+        self.params = place(params, self.config, layout)
+        self.score_batch = Scorer(self.config, dtype=dtype, layout=layout)
         self.tokenizer = load_tokenizer(str(path))
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.prompt_column = prompt_column

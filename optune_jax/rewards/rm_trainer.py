@@ -25,8 +25,9 @@ from models.reward_model import (
 )
 from optune_jax import sharding
 from optune_jax.batch import ScoredPairBatch
-from optune_jax.components import build_mesh, build_optimizer, load_policy
+from optune_jax.components import build_layout, load_policy
 from optune_jax.data import split_eval
+from optune_jax.optimizer import TrainState, build_optimizer, create_state, updates
 from optune_jax.rewards.learned import Scorer, place
 from optune_jax.rewards.rm_data import (
     PairColumns,
@@ -35,10 +36,11 @@ from optune_jax.rewards.rm_data import (
     pair_batch,
     score_all,
 )
+from optune_jax.run.guard import NonFiniteGuard
 from optune_jax.run.runner import Runner
 from optune_jax.run.schema import RMConfig
 from optune_jax.run.step_loop import run_steps
-from optune_jax.train_step import NonFiniteGuard, TrainState, accumulated_step
+from optune_jax.train_step import accumulated_step
 
 RESUMABLE_CHANGES = (
     "run.output_dir", "run.keep_checkpoints", "mesh", "train.max_skipped_steps",
@@ -99,11 +101,12 @@ class RewardModelRun(Runner):
         *self.train, self.train_stats = enc(pairs[0])
         *self.eval, self.eval_stats = enc(pairs[1])
         t = cfg.train
-        optimizer = build_optimizer(t, t.epochs * math.ceil(len(self.train[0]) / t.batch_size))
+        optimizer = build_optimizer(t, updates_per_iteration=updates(t, len(self.train[0])))
+        optimizer = optimizer.transform  # one run: an epoch is a step of the Runner, not a restart
         # weights, optimizer state and batches laid out on the mesh like the policy's
-        self.mesh, self.rules = build_mesh(cfg.mesh)
-        params = place(jax.device_get(params), self.config, self.mesh, self.rules)
-        self.state, state_shardings = sharding.create_state(params, optimizer, self.mesh)
+        self.layout = build_layout(cfg.mesh)
+        params = place(jax.device_get(params), self.config, self.layout)
+        self.state, state_shardings = create_state(params, optimizer, self.layout.mesh)
         self.guard = NonFiniteGuard(t.max_skipped_steps)
         self._open(steps=t.epochs, resume=resume, overwrite=overwrite, progress=progress)
         step = functools.partial(
@@ -113,17 +116,14 @@ class RewardModelRun(Runner):
             dtype=cfg.model.dtype,
             remat=cfg.model.remat,
         )
-        self._batch_sharding = sharding.batch_sharding(
-            self.mesh, self.rules, t.micro_batch_size, axis=1
-        )
+        self._batch_sharding = sharding.batch_sharding(self.layout, t.micro_batch_size, axis=1)
         self._train_step = sharding.jit_train_step(
             lambda state, batch, frozen: step(state, batch),
-            self.mesh,
-            self.rules,
+            self.layout,
             state_shardings=state_shardings,
             batch_sharding=self._batch_sharding,
         )
-        self._score = Scorer(self.config, dtype=cfg.model.dtype, mesh=self.mesh, rules=self.rules)
+        self._score = Scorer(self.config, dtype=cfg.model.dtype, layout=self.layout)
 
     def _read_pairs(self):
         """(train pairs, held-out pairs) as conversations."""

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from optune_jax.run.config_file import describe_options, load_config
 from optune_jax.run.errors import RunError, describe_os_error, file_error
+
+if TYPE_CHECKING:  # the runner imports JAX: only once a config is valid
+    from optune_jax.run.runner import Runner
 
 
 def make_parser(prog: str, description: str, schema: type) -> argparse.ArgumentParser:
@@ -63,14 +66,15 @@ def report_error(error: Exception) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Trainer:
-    """A trainer's command: its name and help line, config schema, run class ("module:Class",
-    imported once the config is valid; built as `Class(cfg, resume=, overwrite=, progress=)`),
-    summary table of the metrics records, and what its export is called."""
+    """A trainer's command: its name and help line, config schema, the function that builds
+    its run once the config is valid (`run(cfg, resume=, overwrite=, progress=)`, importing the
+    heavy modules only then), summary table of the metrics records, and what its export is
+    called."""
 
     prog: str
     description: str
     schema: type
-    run: str
+    run: Callable[..., Runner]
     summary_table: Callable[[list[dict]], str]
     exported: str
     # what happened, in one line of words, printed last and closing summary.md ("": none)
@@ -81,9 +85,8 @@ class Trainer:
         """The command: exit code 0, or 2 with one line on stderr (`run_main`)."""
         return run_main(argv, self)
 
-    def make_run(self, cfg, **kw):
-        module, name = self.run.split(":")
-        return getattr(importlib.import_module(module), name)(cfg, **kw)
+    def make_run(self, cfg, **kw) -> Runner:
+        return self.run(cfg, **kw)
 
 
 def run_main(argv: list[str] | None, trainer: Trainer) -> int:
@@ -148,8 +151,9 @@ def _run(args, trainer: Trainer, started: dict) -> int:
         return report_error(e)
     try:
         primary = distributed.is_primary()
-        if primary and run.describe_data():
-            print(run.describe_data())
+        described = run.describe_data() if primary else ""
+        if described:
+            print(described)
         records = run.run()
         headline = ""
         if primary:

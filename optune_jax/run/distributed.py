@@ -21,7 +21,7 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
     `num_processes` and `process_id` (each None: detected too). On the CPU the processes talk
     through gloo, jax's default CPU collectives.
     """
-    if coordinator is None:
+    if coordinator is None or jax.distributed.is_initialized():  # (a sweep's later runs)
         return
     if coordinator == "auto":
         jax.distributed.initialize()

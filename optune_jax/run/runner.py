@@ -22,9 +22,9 @@ from optune_jax.run import distributed, signals
 from optune_jax.run.checkpoint import Checkpoints
 from optune_jax.run.config_file import config_to_dict
 from optune_jax.run.errors import RunError
+from optune_jax.run.guard import NonFiniteGuard
 from optune_jax.run.metrics_log import MetricsLog, strict
 from optune_jax.run.run_dir import RunLock, prepare_run_dir, replace_dir
-from optune_jax.train_step import NonFiniteGuard
 
 
 class Runner:
@@ -130,6 +130,7 @@ class Runner:
             total=self.steps,
         ):
             record = {"iteration": t, **self._step(t)}  # MetricsLog's step key
+            signals.check()  # a stop during the step abandons it, even if its raise was lost
             with signals.deferred():  # a stop waits for the line and its checkpoint
                 self.log.write(record)
                 self.ckpt.save(

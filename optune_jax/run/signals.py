@@ -2,6 +2,7 @@
 
     with signals.stop_on_signals():     # the command line, around the whole run
         ...                             # a signal raises Interrupted here, abandoning the step
+        signals.check()                 # between steps: raised again if it was swallowed
         with signals.deferred():        # a checkpoint and its metrics line: finished first
             save()
 
@@ -36,6 +37,9 @@ def _depth() -> int:
 
 
 def _handler(signum, frame) -> None:
+    # kept until the block ends: a raise that lands in a callback whose exceptions Python
+    # swallows (XLA's gc callback) is raised again at the next `check`
+    _state.received = signum
     if _depth() > 0:  # inside `deferred`: raised when the block ends
         _state.pending = getattr(_state, "pending", None) or signum
         return
@@ -49,13 +53,22 @@ def stop_on_signals():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _state.received = None
     old = {s: signal.signal(s, _handler) for s in STOPPING}
     try:
         yield
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        _state.pending = None
+        _state.pending = _state.received = None
+
+
+def check() -> None:
+    """Raises `Interrupted` for a signal already received (outside `deferred`): the loops call
+    it between steps, so a raise that was swallowed where it landed still stops the run."""
+    signum = getattr(_state, "received", None)
+    if signum is not None and _depth() == 0:
+        raise Interrupted(signum)
 
 
 @contextlib.contextmanager

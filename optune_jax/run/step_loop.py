@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable
 import jax
 from tqdm.auto import tqdm
 
-from optune_jax.run import distributed
-from optune_jax.train_step import NonFiniteGuard
+from optune_jax.run import distributed, signals
+from optune_jax.run.guard import NonFiniteGuard
 
 KL_METRICS = ("kl", "kl_surrogate")  # HyPO metrics: means over sampled prompts, not pairs
 COUNTS = ("num_pairs", "num_prompts", "grad_norm")  # summed as they are
@@ -86,6 +86,7 @@ def run_steps(
         for idx, batch in batches:
             if before_step is not None:
                 batch = before_step(idx, batch, state, sums.steps)
+            signals.check()  # a stop between steps (its raise may have landed in a callback)
             batch = distributed.put(batch, sharding)
             state, metrics = step(state, batch, frozen)
             if pending is not None:  # step N's metrics once step N+1 is dispatched

@@ -2,7 +2,7 @@
 paired difference with its 95 % interval and a verdict, beside what the paper reports, and what
 each variant's generation cost against full regeneration (ρ = 1), compile seconds apart.
 
-Pure: groups (`study.Group`, runs as `report.load_run` reads them) in, markdown lines out.
+Pure: groups (`stats.Group`, runs as `report.load_run` reads them) in, markdown lines out.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from optune_jax.study import runs as study
+from optune_jax.study import stats
 
 OPTUNE = {"run.mode": "optune"}  # (any one reference, shared by the groups compared)
 HALF = {**OPTUNE, "optune.rho": 0.5, "optune.selection": "reward", "loss.name": "wdpo"}
@@ -41,7 +41,7 @@ CLAIMS = (
 
 
 def _one(groups, match: dict):
-    found = study.matching(groups, match)
+    found = stats.matching(groups, match)
     return found[0] if len(found) == 1 else None
 
 
@@ -57,7 +57,7 @@ def _gains(g) -> dict[int, float]:
 def verdict(claim: Claim, d: np.ndarray, base_gain: float) -> str:
     """"holds", "fails" or "not resolved" at 95 % from paired differences `d` (variant −
     baseline) and, for a kept-share claim, the baseline's mean gain."""
-    mean, half, n = study.mean_ci(d)
+    mean, half, n = stats.mean_ci(d)
     if n < 2:
         return "not resolved (fewer than 2 pairs)"
     if claim.kept_share:
@@ -67,7 +67,7 @@ def verdict(claim: Claim, d: np.ndarray, base_gain: float) -> str:
         if high < 0.5:
             return f"fails: share of the gain kept {high:.0%} or less"
         return f"not resolved: share kept between {low:.0%} and {high:.0%}"
-    if study.resolved(mean, half):
+    if stats.resolved(mean, half):
         return "holds" if mean > 0 else "fails: the baseline is ahead"
     return "not resolved: the interval includes 0"
 
@@ -79,8 +79,8 @@ def claim_lines(groups) -> list[str]:
         v, b = _one(groups, c.variant), _one(groups, c.baseline)
         if v is None or b is None:
             continue
-        d = study.paired(_finals(v), _finals(b))
-        mean, half, n = study.mean_ci(d)
+        d = stats.paired(_finals(v), _finals(b))
+        mean, half, n = stats.mean_ci(d)
         base_gain = float(np.mean(list(_gains(b).values())))
         share = f"; share of {b.label}'s gain kept {1 + mean / base_gain:.0%}" if c.kept_share \
             else ""

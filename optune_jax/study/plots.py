@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from optune_jax.study import runs as study
+from optune_jax.study import stats
 
 
-def _dashed(g: study.Group) -> bool:
+def _dashed(g: stats.Group) -> bool:
     return (g.config.get("optune.selection") == "random"
             or g.config.get("run.mode", "optune") != "optune")
 
@@ -27,12 +27,12 @@ def plot(groups, out: Path) -> list[str]:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     for g in groups:
         ls = "--" if _dashed(g) else "-"
-        r = study.curves(g.runs, "eval.reward")
+        r = stats.curves(g.runs, "eval.reward")
         x = np.arange(-1, r.shape[1] - 1)
         axes[0].plot(x, r.mean(0), ls, marker="o", label=g.label)
         axes[0].fill_between(x, r.min(0), r.max(0), alpha=0.15)
         for ax, cost in zip(axes[1:], ("generation_seconds", "tokens_generated"), strict=True):
-            ax.plot(study.cumulative(g.runs, cost).mean(0), r.mean(0), ls, marker="o",
+            ax.plot(stats.cumulative(g.runs, cost).mean(0), r.mean(0), ls, marker="o",
                     label=g.label)
     axes[0].set(xlabel="iteration (-1: initial policy)", ylabel="held-out reward",
                 title="held-out reward by iteration (mean, min-max over seeds)")
@@ -49,9 +49,9 @@ def plot(groups, out: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     bars = ["paper (Table 1)"] + [g.label for g in groups]
-    splits = [{**study.PAPER_SPLIT, "reference": 0.0}] + [study.phase_split(g.runs) for g in groups]
+    splits = [{**stats.PAPER_SPLIT, "reference": 0.0}] + [stats.phase_split(g.runs) for g in groups]
     left = np.zeros(len(bars))
-    for phase in study.PHASES:
+    for phase in stats.PHASES:
         vals = np.array([s.get(phase, 0.0) for s in splits])
         ax.barh(bars, vals, left=left, label=phase)
         left += vals
@@ -76,13 +76,13 @@ def frontier(groups, path: Path) -> bool:
     drawn = False
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for g in groups:
-        points = [study.frontier_points(r) for r in g.runs]
+        points = [stats.frontier_points(r) for r in g.runs]
         if not points or any(p is None for p in points):
             continue
         q = min(len(p[0]) for p in points)
-        stats = [[study.mean_ci(np.array([p[axis][i] for p in points]))[:2] for i in range(q)]
+        moments = [[stats.mean_ci(np.array([p[axis][i] for p in points]))[:2] for i in range(q)]
                  for axis in (0, 1)]
-        (kl, kl_half), (reward, reward_half) = (np.array(s).T for s in stats)
+        (kl, kl_half), (reward, reward_half) = (np.array(s).T for s in moments)
         several = len(points) > 1
         ax.errorbar(kl, reward, xerr=kl_half if several else None,
                     yerr=reward_half if several else None, marker="o", capsize=3,
@@ -102,12 +102,12 @@ def frontier(groups, path: Path) -> bool:
     return drawn
 
 
-def fig2(groups: list[study.Group], path: Path) -> bool:
+def fig2(groups: list[stats.Group], path: Path) -> bool:
     """The OPTune paper's Fig. 2 per group: bars of the bottom and the top half's share of the
     reward gain at each iteration, averaged over seeds; False when no run has a history."""
     import matplotlib.pyplot as plt
 
-    drawn = [(g, s) for g in groups if (s := study.gain_split(g.runs)) is not None]
+    drawn = [(g, s) for g in groups if (s := stats.gain_split(g.runs)) is not None]
     if not drawn:
         return False
     cols = min(3, len(drawn))

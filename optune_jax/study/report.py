@@ -1,7 +1,7 @@
 """`python -m optune_jax.study.report RUN_DIR... [--out DIR] [--against KEY=VALUE...]`: a study's
 plots and tables.
 
-Runs are grouped by every config key that differs between them (`study.relevant`: not the
+Runs are grouped by every config key that differs between them (`stats.relevant`: not the
 seed, the output directory and other keys that cannot change results); the runs of a group are
 its seeds. Per group: final held-out reward and win score with 95 % Student-t intervals,
 generation cost and time; paired differences (runs matched by `run.seed`) against baseline
@@ -29,10 +29,8 @@ import yaml
 
 from optune_jax import reward_history
 from optune_jax.run.metrics_log import read_records
-from optune_jax.study import claims
-from optune_jax.study import plots as study_plots
-from optune_jax.study import runs as study
-from optune_jax.study.runs import (
+from optune_jax.study import claims, plots, stats
+from optune_jax.study.stats import (
     PAPER_SPLIT,
     PHASES,
     curves,
@@ -46,7 +44,7 @@ from optune_jax.study.runs import (
 def load_run(path: Path) -> dict:
     """A run directory: its flat config, seed, metrics records and (when the run wrote one)
     per-prompt reward history as arrays (`reward_history.arrays`), else None."""
-    flat = study.flatten(yaml.safe_load((path / "config.yaml").read_text()))
+    flat = stats.flatten(yaml.safe_load((path / "config.yaml").read_text()))
     records = [json.loads(ln) for ln in (path / "metrics.jsonl").read_text().splitlines() if ln]
     iters = [r for r in records if r["iteration"] >= 0]
     history = None
@@ -66,21 +64,21 @@ def unfinished(runs: list[dict]) -> list[str]:
             for r in runs if len(r["iters"]) < r["planned"]]
 
 
-def group(runs: list[dict], ignore=()) -> list[study.Group]:
-    """The runs' groups by every config key that differs between them (`study.group_runs`)."""
-    return study.group_runs(runs, [study.relevant(r["flat"], ignore) for r in runs])
+def group(runs: list[dict], ignore=()) -> list[stats.Group]:
+    """The runs' groups by every config key that differs between them (`stats.group_runs`)."""
+    return stats.group_runs(runs, [stats.relevant(r["flat"], ignore) for r in runs])
 
 
 def _ci(x, digits: int) -> str:
-    mean, half, n = study.mean_ci(x)
+    mean, half, n = stats.mean_ci(x)
     return f"{mean:.{digits}f} ± {half:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
 
 
-def table(groups: list[study.Group]) -> str:
+def table(groups: list[stats.Group]) -> str:
     """One row per group: seeds, held-out reward and win score (mean ± 95 % CI half-width),
     cost, time; then the time split per phase against the paper's Table 1."""
-    common = study.label(study.shared([g.config for g in groups]))
-    full = study.matching(groups, {"optune.rho": 1.0})
+    common = stats.label(stats.shared([g.config for g in groups]))
+    full = stats.matching(groups, {"optune.rho": 1.0})
     full_secs = (np.mean([final(r)["seconds"] for r in full[0].runs])
                  if len(full) == 1 else None)
     lines = ["## Variants (the runs of a variant are its seeds; ± : 95 % Student-t interval)", "",
@@ -127,7 +125,7 @@ def table(groups: list[study.Group]) -> str:
 COMPARED = {"held-out reward": 4, "win score": 1}  # paired differences: metric -> digits
 
 
-def differences(groups: list[study.Group], against: list[str]) -> str:
+def differences(groups: list[stats.Group], against: list[str]) -> str:
     """Paired differences (variant − baseline, runs matched by `run.seed`) of the final
     held-out reward and win score, mean ± 95 % CI, and which intervals exclude 0."""
     lines = ["## Paired differences (variant − baseline, runs matched by run.seed)", "",
@@ -135,7 +133,7 @@ def differences(groups: list[study.Group], against: list[str]) -> str:
              + " |", "| --- | --- | --- | " + " | ".join("---" for _ in COMPARED) + " |"]
     notes, yes, no, done = [], [], [], set()
     for spec in against:
-        found = study.matching(groups, study.parse_match(spec))
+        found = stats.matching(groups, stats.parse_match(spec))
         if len(found) != 1:
             notes.append(f"- `{spec}`: matches {len(found)} groups, not one; no comparison.")
             continue
@@ -148,14 +146,14 @@ def differences(groups: list[study.Group], against: list[str]) -> str:
             cells = []
             for metric, digits in COMPARED.items():
                 fmt = f"+.{digits}f"
-                d = study.paired({r["seed"]: final(r)[metric] for r in g.runs},
+                d = stats.paired({r["seed"]: final(r)[metric] for r in g.runs},
                                  {r["seed"]: final(r)[metric] for r in base.runs})
-                mean, half, n = study.mean_ci(d)
+                mean, half, n = stats.mean_ci(d)
                 cell = f"{mean:{fmt}} ± {half:.{digits}f}" if n > 1 else "–"
                 cells.append(f"{mean:{fmt}}" if n == 1 else cell)
                 if n > 1:
                     what = f"{g.label} vs {base.label}: {metric} {cell}"
-                    (yes if study.resolved(mean, half) else no).append(what)
+                    (yes if stats.resolved(mean, half) else no).append(what)
             lines.append(f"| {base.label} | {g.label} | {n} | " + " | ".join(cells) + " |")
     if len(lines) == 4:
         lines.append("| – | – | 0 | " + " | ".join("–" for _ in COMPARED) + " |")
@@ -166,7 +164,7 @@ def differences(groups: list[study.Group], against: list[str]) -> str:
     return "\n".join(lines)
 
 
-def gain_table(groups: list[study.Group]) -> str:
+def gain_table(groups: list[stats.Group]) -> str:
     """Fig. 2's numbers: per group and iteration, each half's share of the gain and its mean
     per-prompt gain, averaged over seeds; "" when no run has a history."""
     rows = []
@@ -202,7 +200,7 @@ def main(argv=None) -> int:
                         "each matches one group)")
     p.add_argument("--ignore", action="append", default=[], metavar="KEY",
                    help="a config key (or 'section.') that does not tell groups apart, besides "
-                        "the seed, output dir and the other keys of study.IGNORED")
+                        "the seed, output dir and the other keys of stats.IGNORED")
     args = p.parse_args(argv)
     runs = []
     for path in args.runs:
@@ -220,15 +218,15 @@ def main(argv=None) -> int:
     for line in partial:
         print(f"note: {line}", file=sys.stderr)
     groups = group(runs, args.ignore)
-    against = study.default_baselines(groups) if args.against is None else args.against
+    against = stats.default_baselines(groups) if args.against is None else args.against
     try:
         for spec in against:
-            study.parse_match(spec)
+            stats.parse_match(spec)
     except ValueError as e:
         print(f"error: --against: {e}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    files = study_plots.plot(groups, args.out)
+    files = plots.plot(groups, args.out)
     notes = "\n".join(f"Note: {line}." for line in partial)
     text = "\n\n".join(x for x in (notes, "\n".join(claims.claim_lines(groups)), table(groups),
                                     "\n".join(claims.cost_lines(groups)),

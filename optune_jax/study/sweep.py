@@ -26,8 +26,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from optune_jax.run.config_file import load_config
-from optune_jax.run.errors import ConfigError, RunError
+from optune_jax import train
 
 
 def variant_name(rho: float, selection: str, seed: int) -> str:
@@ -101,9 +100,6 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from optune_jax.loop import OptuneRun  # heavy imports after argument parsing
-    from optune_jax.run import compile_cache
-
     if args.variant and (args.rho or args.selection):
         print("error: --variant replaces --rho/--selection; give one or the other",
               file=sys.stderr)
@@ -115,37 +111,22 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # π_0's evaluation once per seed, not per variant (unless --set says otherwise)
+    cache = f"eval.initial_cache={Path(args.out) / '.initial_eval'}"
     for i, (name, sets) in enumerate(todo):
         out = Path(args.out) / name
-        try:
-            # π_0's evaluation once per seed, not per variant (unless --set says otherwise)
-            cache = f"eval.initial_cache={Path(args.out) / '.initial_eval'}"
-            cfg = load_config(args.config,
-                              [cache, *args.overrides, *sets, f"run.output_dir={out}"])
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        if i == 0:  # one cache for the sweep, set before its first compile
-            try:
-                compile_cache.enable(cfg.run.compilation_cache)
-            except RunError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
         if (out / "summary.md").exists():
             print(f"[{i + 1}/{len(todo)}] {name}: done, skipped")
             continue
         print(f"[{i + 1}/{len(todo)}] {name}")
-        from optune_jax.run.cli import report_error, write_summary
-        from optune_jax.train import summary_table
-
-        try:
-            run = OptuneRun(cfg, resume="auto", progress=not args.no_progress)
-            try:
-                write_summary(out, summary_table(run.run()))
-            finally:
-                run.close()
-        except (RunError, OSError) as e:  # one line naming the variant's problem, exit code 2
-            return report_error(e)
+        argv = ["--config", args.config, "--auto-resume", "--no-export"]
+        for kv in [cache, *args.overrides, *sets, f"run.output_dir={out}"]:
+            argv += ["--set", kv]
+        if args.no_progress:
+            argv.append("--no-progress")
+        code = train.main(argv)  # the command line's own driver: a variant runs as it would alone
+        if code:
+            return code
     print(f"report: python -m optune_jax.study.report {args.out}/*")
     return 0
 

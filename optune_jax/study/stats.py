@@ -2,7 +2,7 @@
 of seeds, Student-t 95 % confidence intervals, and paired differences against a baseline group.
 
 Pure: config dicts, numbers and run records in, numbers and labels out (`report` reads the run
-directories and writes the tables, `study_plots` draws the figures).
+directories and writes the tables, `plots` draws the figures).
 """
 
 from __future__ import annotations

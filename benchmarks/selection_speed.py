@@ -1,7 +1,7 @@
 """Host cost of one OPTune selection step at the paper's scale (design §7: 48k prompts, 512 tokens).
 
 Times ranking + selecting, update_pool and build_pairs for each rho and prints a table.
-Usage: python benchmarks/selection.py [--prompts 48000] [--max-len 512] [--repeats 5]
+Usage: python benchmarks/selection_speed.py [--prompts 48000] [--max-len 512] [--repeats 5]
 """
 
 from __future__ import annotations

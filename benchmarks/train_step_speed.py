@@ -39,7 +39,7 @@ with it. The max |logp difference| of the two reference passes (TRL's `compute_r
 ours' first step) checks that both compute the same sequence logps.
 
 Needs TRL: pip install -e '.[bench]'.
-Usage: python benchmarks/train_step.py [--pairs 8] [--prompt-tokens 61] [--response-tokens 62]
+Usage: python benchmarks/train_step_speed.py [--pairs 8] [--prompt-tokens 61] [--response-tokens 62]
        [--dtype float32|bfloat16] [--repeats 3] [--pack|--no-pack] [--no-trl-checkpointing]
        [--seed 0] [--threads N]
 """

@@ -11,7 +11,7 @@ prefills the rows' own tokens packed into fewer, longer lines where that saves p
 + run) and `--repeats` timed calls, alternating ours / transformers. Then, at the last batch
 size, the parts of one decode step are timed alone (`--no-breakdown` skips it).
 
-Usage: python benchmarks/sampler.py [--batch-sizes 1 16 64] [--new-tokens 64]
+Usage: python benchmarks/sampler_speed.py [--batch-sizes 1 16 64] [--new-tokens 64]
        [--num-samples 1] [--repeats 2] [--threads N] [--dtype float32|bfloat16]
 """
 # ruff: noqa: E402
