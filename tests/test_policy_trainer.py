@@ -117,10 +117,9 @@ def _setup(cfg, *, updates_per_iteration=10, iterations=1, skip=()):
     """(trainer, fake step, initial state) on 8 devices, `w` sharded over them."""
     layout = _layout()
     mesh = layout.mesh
-    params = {
-        "w": jax.device_put(np.ones((8, 4), np.float32), NamedSharding(mesh, PartitionSpec("fsdp"))),
-        "b": jax.device_put(np.zeros((4,), np.float32), NamedSharding(mesh, PartitionSpec())),
-    }
+    shard = lambda *spec: NamedSharding(mesh, PartitionSpec(*spec))
+    params = {"w": jax.device_put(np.ones((8, 4), np.float32), shard("fsdp")),
+              "b": jax.device_put(np.zeros((4,), np.float32), shard())}
     plan = build_optimizer(cfg, updates_per_iteration=updates_per_iteration,
                            iterations=iterations)
     state, shardings = create_state(params, plan.transform, mesh)
@@ -135,9 +134,9 @@ def _setup(cfg, *, updates_per_iteration=10, iterations=1, skip=()):
 
 @pytest.mark.parametrize("q, epochs", [(21, 2), (16, 1), (5, 3)])
 def test_each_epoch_visits_every_pair_once_in_the_seeded_order(q, epochs):
-    """epochs × ceil(Q / batch_size) steps; each step's batch [2, 8] holds the next 16 pairs of
-    the epoch's seeded permutation, rows and rewards together, the last one filled up with
-    masked pairs; masked pairs stay masked; the metrics are the brute-force means."""
+    """epochs × ceil(Q / B) steps over each epoch's seeded permutation; metrics as brute force."""
+    # each step's batch [2, 8] holds the next 16 pairs, rows and rewards together, the last
+    # filled up with masked pairs; masked pairs stay masked; one step reported non-finite
     cfg, t = _train_section(epochs=epochs), 3
     trainer, step, state = _setup(cfg, skip={2} if epochs * math.ceil(q / 16) > 2 else ())
     batch = _pairs(q, masked=[4])
@@ -178,9 +177,8 @@ def test_each_epoch_visits_every_pair_once_in_the_seeded_order(q, epochs):
 
 
 def test_per_iteration_restarts_the_optimizer_before_each_call():
-    """`per_iteration`: every call's first step sees zero moments and a schedule at count 0
-    over this call's own steps (not the planned 10), warm-up ceil(0.3 × steps); the
-    parameters and the step counter carry over."""
+    """`per_iteration`: each call restarts moments and schedule over its own steps, not params."""
+    # the schedule over this call's steps (not the planned 10), warm-up ceil(0.3 × steps)
     cfg = _train_section(schedule="per_iteration")
     trainer, step, state = _setup(cfg, updates_per_iteration=10)
     assert tuple(int(x) for x in optax.tree_utils.tree_get(state.opt_state, "ScheduleState")) \
@@ -200,8 +198,8 @@ def test_per_iteration_restarts_the_optimizer_before_each_call():
 
 
 def test_continuous_carries_the_optimizer_state_between_calls():
-    """`continuous`: one schedule over all iterations' planned steps (3 × 10, warm-up 9);
-    the second call goes on from the first call's count and moments."""
+    """`continuous`: the second call goes on from the first call's schedule count and moments."""
+    # one schedule over all iterations' planned steps: 3 × 10, warm-up 9
     cfg = _train_section(schedule="continuous")
     trainer, step, state = _setup(cfg, updates_per_iteration=10, iterations=3)
     state, _ = trainer.train(state, _pairs(21), 0, guard=NonFiniteGuard(3))
@@ -213,8 +211,7 @@ def test_continuous_carries_the_optimizer_state_between_calls():
 
 
 def test_before_step_is_called_once_a_step_and_its_batch_is_stepped():
-    """The hook gets (step index, the step's pair ids, its host batch, the current state) once
-    before each step, and the batch it returns is the one the step receives."""
+    """`before_step` runs once before each step with its index and ids; its batch is stepped."""
     cfg = _train_section(epochs=2)
     trainer, step, state = _setup(cfg)
     calls = []
@@ -235,9 +232,8 @@ def test_before_step_is_called_once_a_step_and_its_batch_is_stepped():
 
 
 def test_pack_gives_the_step_packed_rows_made_after_the_hook():
-    """`train.pack`: the hook sees padded rows; the step gets them packed (lines split over the
-    8 devices), each counted pair's chosen and rejected response tokens (as the hook left
-    them) as its targets, masked and filler pairs left out."""
+    """`train.pack`: the step gets the hook's rows packed, counted pairs' responses as targets."""
+    # lines split over the 8 devices; masked and filler pairs left out
     cfg = _train_section(epochs=1, pack=True)
     trainer, step, state = _setup(cfg)
     batch = _pairs(21, masked=[4])

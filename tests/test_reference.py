@@ -95,8 +95,8 @@ def _direct(tokens_NST, attn_NST, resp_NST):
 
 @pytest.mark.parametrize("rows", [4, 8])
 def test_chunks_with_filler_rows_equal_a_direct_computation_row_for_row(rows):
-    """15 rows in chunks of 4 or 8 (the last one filled up): every response's sum of token
-    logps is the directly computed one, in its own [N, S] place; an empty response has 0."""
+    """Chunks with filler rows give each response's directly computed logp in its [N, S] place."""
+    # 15 rows in chunks of 4 or 8, the last one filled up; an empty response has 0
     assert (N * S) % rows
     rows_NST = _rows()
     want, counts = _direct(*rows_NST)
@@ -108,8 +108,7 @@ def test_chunks_with_filler_rows_equal_a_direct_computation_row_for_row(rows):
 
 
 def test_summed_gives_sums_even_when_the_loss_averages():
-    """With `average_logps`, the default output is each response's per-token mean (0 for an
-    empty one) and `summed=True` the sum, whatever the spec says."""
+    """With `average_logps`, the default gives per-token means and `summed=True` the sums."""
     rows_NST = _rows(seed=1)
     sums, counts = _direct(*rows_NST)
     ref = _reference(True, 8)
@@ -122,8 +121,7 @@ def test_summed_gives_sums_even_when_the_loss_averages():
 
 
 def test_params_waiting_on_the_host_give_the_device_params_result():
-    """π_0 kept as NumPy arrays on the host is put on the devices first: the same logps as
-    the same weights already sharded there, and the direct computation's."""
+    """π_0's weights as NumPy arrays on the host give the logps of the same weights on device."""
     host = _host_params()
     assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(host))
     rows_NST = _rows(seed=2)
@@ -136,9 +134,8 @@ def test_params_waiting_on_the_host_give_the_device_params_result():
 
 
 def test_packed_three_samples_per_prompt_equal_padded_rows():
-    """S = 3 responses per prompt, 2 prompts a chunk of 8 rows (5 prompts: the last chunk
-    half filler), packed over 8 devices: means and sums equal the padded pass and the direct
-    computation within float32 tolerance."""
+    """Packed, S = 3 and a half-filler last chunk: the padded pass's (and direct) means and sums."""
+    # 2 prompts a chunk of 8 rows, 5 prompts, lines split over the 8 devices
     rows_NST = _rows(seed=3)
     sums, counts = _direct(*rows_NST)
     padded, packed = _reference(True, 8), _reference(True, 8, pack=True)
