@@ -8,8 +8,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Hermetic: no run of the suite reads or writes the user's compilation cache (whatever the
-# environment says); test_compile_cache.py turns it on in its own subprocesses.
-os.environ["OPTUNE_JAX_CACHE"] = "off"
+# environment says). It has a cache of its own instead, made afresh for each run of the suite
+# and removed after it: the end-to-end runs compile the same programs again and again (the
+# micro config's sampler, train step, reference pass), in this process, in the other xdist
+# worker and in the subprocesses they start, all of which inherit these variables (the workers
+# are started after this file is read). test_compile_cache.py points its subprocesses elsewhere.
+SUITE_CACHE = "OPTUNE_JAX_SUITE_CACHE"
+if SUITE_CACHE not in os.environ:  # the controller (or a lone process): it owns the directory
+    import tempfile
+
+    os.environ[SUITE_CACHE] = tempfile.mkdtemp(prefix="optune_jax_suite_cache_")
+    _OWNS_CACHE = True
+else:
+    _OWNS_CACHE = False
+os.environ["OPTUNE_JAX_CACHE"] = os.environ[SUITE_CACHE]
 # Most tests compile many small programs that then run for milliseconds, where XLA's
 # optimisation passes cost more than they save (the suite takes about 40 % less time without
 # them; subprocesses inherit the variable). Tests that run a real model for long, or read the
@@ -19,8 +31,17 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from optune_jax.run import compile_cache  # noqa: E402
+
 jax.config.update("jax_default_matmul_precision", "highest")
-jax.config.update("jax_enable_compilation_cache", False)  # nor JAX_COMPILATION_CACHE_DIR's
+compile_cache.enable(None)  # the suite's own (OPTUNE_JAX_CACHE), never JAX_COMPILATION_CACHE_DIR
+
+
+def pytest_unconfigure(config):
+    if _OWNS_CACHE and not hasattr(config, "workerinput"):
+        import shutil
+
+        shutil.rmtree(os.environ[SUITE_CACHE], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +109,6 @@ GROUPS = {
     "tests/test_loop.py::test_failures_inside_the_checkpoint": "uninterrupted",
     "tests/test_loop.py::test_a_truncated_newest_checkpoint": "uninterrupted",
     "tests/test_loop.py::test_a_half_written_checkpoint": "uninterrupted",
-    "tests/test_operations.py::test_a_signal_mid_iteration": "uninterrupted",
     "tests/test_operations.py::test_a_line_lost": "uninterrupted",
     "tests/test_operations.py::test_the_report_says": "uninterrupted",
     "tests/test_operations.py::test_a_damaged_checkpoint": "uninterrupted",

@@ -19,8 +19,14 @@ from optune_jax.run.errors import RunError
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_the_suite_runs_without_a_cache():
-    assert os.environ[ENV] == "off"  # conftest: never the user's cache
+def test_the_suite_uses_a_fresh_cache_of_its_own_never_the_users():
+    """conftest points the cache at a directory made for this run of the suite."""
+    import tempfile
+
+    ours = Path(os.environ["OPTUNE_JAX_SUITE_CACHE"])
+    assert os.environ[ENV] == str(ours) and ours.is_relative_to(tempfile.gettempdir())
+    assert resolve(None) == ours != resolve("auto", {k: v for k, v in os.environ.items()
+                                                      if k != ENV})
 
 
 @pytest.mark.parametrize(

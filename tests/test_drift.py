@@ -83,29 +83,6 @@ def test_summary_shows_drift_and_answers_side_by_side():
     assert "**Say hi.**" in text and "| Hi there. | a \\| b<br>c |" in text
 
 
-def test_missing_eos_penalty_lowers_only_cut_training_responses(tmp_path):
-    """TRL's missing_eos_penalty: a training response cut at the budget loses exactly the
-    penalty; finished responses and the held-out rewards keep the verifier's score."""
-    from optune_jax.pair_rows import ended_with_eos
-
-    run = OptuneRun(
-        micro_config(
-            tmp_path, "reward.missing_eos_penalty=0.5", "sampling.max_new_tokens=12", ONE_DEVICE
-        ),
-        progress=False,
-    )
-    run.source.pairs(0, run.policy_params(), {})
-    pool = run.source.pool
-    n, s, width = pool.tokens_P2Y.shape
-    raw = run.scorer(run.train_prompts.rows, pool.tokens_P2Y, pool.lengths_P2)
-    cut = ~ended_with_eos(
-        pool.tokens_P2Y.reshape(n * s, width), pool.lengths_P2.reshape(-1), run.policy.eos_ids
-    ).reshape(n, s)
-    run.close()
-    assert cut.any()  # the tiny model rarely ends within 12 tokens
-    np.testing.assert_allclose(pool.rewards_P2, raw - 0.5 * cut, atol=1e-6)
-
-
 def test_mean_ci95_is_the_normal_interval_of_the_mean():
     x = np.array([0.1, 0.4, 0.2, 0.9, 0.0])
     mean = sum(x) / 5
@@ -113,32 +90,3 @@ def test_mean_ci95_is_the_normal_interval_of_the_mean():
     assert evaluate.mean_ci95(x) == pytest.approx(1.96 * sd / 5**0.5)
     assert evaluate.mean_ci95(np.zeros(48)) == 0.0
     assert np.isnan(evaluate.mean_ci95(np.array([0.3])))
-
-
-def test_evaluation_averages_several_samples_and_logs_reward_components(tmp_path):
-    """eval.samples_per_prompt: each held-out prompt's reward is the mean of its samples; a
-    weighted reward's components are logged for the held-out and the new training responses
-    (linear: the total's mean is the weighted sum of theirs); topic rows get the on-topic rate."""
-    run = OptuneRun(
-        micro_config(
-            tmp_path, "eval.samples_per_prompt=3", "eval.drift=true", ONE_DEVICE,
-            "data.train_files=[data/sentiment/train.jsonl]",
-            "data.eval_files=[data/sentiment/heldout.jsonl]",
-            "reward.name=weighted",
-            "reward.components=[{name: sentiment}, {name: tiny, weight: 0.5}]",
-        ),
-        progress=False,
-    )
-    rewards, record = run.evaluator(run.policy_params())
-    _, record_again = run.evaluator(run.policy_params())
-    assert rewards.shape == (4,) and record["eval.samples"] == 3 and record["eval.prompts"] == 4
-    assert record["eval.reward"] == pytest.approx(float(np.mean(rewards)))
-    want = record["eval.reward.sentiment"] + 0.5 * record["eval.reward.tiny"]
-    assert record["eval.reward"] == pytest.approx(want, abs=1e-6)
-    assert 0.0 <= record["eval.on_topic"] <= 1.0 and 0.0 <= record["eval.greedy_on_topic"] <= 1.0
-    assert record["eval.exclamations"] >= 0.0
-    assert record_again["eval.reward"] == record["eval.reward"]  # the held-out draws repeat
-    _, _, pairs = run.source.pairs(0, run.policy_params(), {})
-    run.close()
-    want = pairs["reward_new.sentiment"] + 0.5 * pairs["reward_new.tiny"]
-    assert pairs["reward_new"] == pytest.approx(want, abs=1e-6)  # S = 2: both samples' mean

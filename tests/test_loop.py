@@ -149,26 +149,6 @@ def _spy_reference_and_training(run, keep):
     return scored, kept
 
 
-def test_reference_initial_keeps_pi0_logps(tmp_path):
-    """optune.reference=initial: every pair's reference logps are its logps under π_0, scored
-    once: at iteration 1 only the new pairs go through π_0, the kept ones keep theirs."""
-    run = OptuneRun(micro_config(tmp_path, "optune.reference=initial", ONE_DEVICE),
-                    progress=False)
-    assert run.initial_params is not None
-    reference = run.ref_logps
-    scored, batches = _spy_reference_and_training(run, lambda batch: batch)
-    records = run.run()[1:]
-    pool = run.source.pool
-    new, tie = pool.iteration_P == 1, pool.rewards_P2[:, 0] == pool.rewards_P2[:, 1]
-    assert (pool.iteration_P == 0).any() and new.any()
-    assert scored == [records[0]["pairs"], int((new & ~tie).sum())]  # iteration 1: new only
-    for batch in batches:  # what training saw: the pairs' logps under π_0, computed afresh
-        want = reference(run.initial_params, batch.tokens, batch.attn, batch.resp)
-        np.testing.assert_allclose(batch.ref_logps, want, rtol=1e-5, atol=1e-4)
-    run.close()
-    assert records[-1]["train.loss"] > 0
-
-
 def _fails(capsys, argv, message):
     assert train.main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -274,6 +254,10 @@ def test_hypo_draws_exact_online_samples_and_its_kl_starts_at_zero(tmp_path, mon
 
 
 def test_offline_pairs_from_a_file(tmp_path, capsys):
+    """Offline DPO on a pair file with optune.reference=initial: nothing is generated; π_0
+    scores every pair once, at iteration 0, and training sees exactly those logps (the
+    reference choices one by one: tests/test_reference_policy.py); bad settings stop in one
+    line."""
     pairs = tmp_path / "pairs.jsonl"
     rows = [{"prompt": f"Say something about the number {i}.", "chosen": "a e i o u " * 3,
              "rejected": "x y z " * 4} for i in range(16)]
@@ -281,7 +265,14 @@ def test_offline_pairs_from_a_file(tmp_path, capsys):
     run = OptuneRun(micro_config(tmp_path, "run.mode=offline", "loss.name=dpo", ONE_DEVICE,
                                  f"data.offline_files=[{pairs}]", "optune.reference=initial"),
                     progress=False)
+    assert run.initial_params is not None
+    reference = run.ref_logps
+    scored, batches = _spy_reference_and_training(run, lambda batch: batch)
     records = run.run()[1:]
+    assert scored == [16]  # every pair at iteration 0, none again at iteration 1
+    for batch in batches:  # what training saw: the pairs' logps under π_0, computed afresh
+        want = reference(run.initial_params, batch.tokens, batch.attn, batch.resp)
+        np.testing.assert_allclose(batch.ref_logps, want, rtol=1e-5, atol=1e-4)
     run.close()
     assert [r["tokens_generated"] for r in records] == [0, 0]
     assert records[-1]["train.margin"] > records[0]["train.margin"]  # π_0's margins grow
@@ -392,8 +383,7 @@ def test_non_finite_training_stops_in_one_line_and_exports_nothing(tmp_path, cap
     # issue 20, case 1: learning rate 1e38; every update overflows and is skipped, and the
     # third in a row (train.max_skipped_steps=3; two steps per iteration) stops iteration 1
     out = tmp_path / "run"
-    sets = [*MICRO, ONE_DEVICE, "train.learning_rate=1e38", "data.max_prompt_tokens=64",
-            f"run.output_dir={out}"]
+    sets = [*MICRO, ONE_DEVICE, "train.learning_rate=1e38", f"run.output_dir={out}"]
     argv = ["--config", "configs/tiny.yaml", "--no-progress"]
     assert train.main([*argv, *[x for s in sets for x in ("--set", s)]]) == 2
     captured = capsys.readouterr()
@@ -401,9 +391,7 @@ def test_non_finite_training_stops_in_one_line_and_exports_nothing(tmp_path, cap
     assert len(err.splitlines()) == 1, err
     assert err.startswith("error: iteration 1, step 1 of 2: 3 optimizer steps in a row were "
                           "skipped, the last for a non-finite update")
-    # case 8: the start-up line says how many prompts were dropped for length, and why
-    assert ("prompts: training 12 of 16 (4 longer than 64 tokens with the chat template dropped "
-            "(longest 71))") in captured.out
+    # (case 8, the start-up line on prompts dropped for length: tests/test_prompts.py)
     assert not (out / "model").exists() and not (out / "summary.md").exists()
     ckpt = Checkpoints(out / "checkpoints")
     assert ckpt.latest() == 0  # the checkpoint before the stop stays the newest
