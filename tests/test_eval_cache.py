@@ -104,18 +104,3 @@ def test_a_second_run_reuses_the_first_runs_evaluation_of_pi0_exactly(tmp_path, 
         assert 0 <= r["seconds.generation_compile"] <= r["seconds.generation"]
     assert first[-1]["total.generation_compile_seconds"] == pytest.approx(
         sum(r["seconds.generation_compile"] for r in first[1:]))
-
-
-def test_a_generation_reports_the_seconds_its_new_program_took_to_compile(tmp_path):
-    cfg = load_config("configs/tiny.yaml", [*MICRO, ONE_DEVICE, f"run.output_dir={tmp_path}"])
-    run = OptuneRun(cfg, progress=False)
-    try:
-        prompts = run.train_prompts
-        call = lambda: run.generator(  # noqa: E731  (7 new tokens: a shape no other test uses)
-            run.policy_params(), prompts.ids[:3], np.arange(3), seed=0, iteration=0,
-            num_samples=2, desc="", prefix=prompts.prefix, max_new=7)
-        first, again = call(), call()
-    finally:
-        run.close()
-    assert first.compile_seconds > 0 and again.compile_seconds == 0
-    np.testing.assert_array_equal(first.tokens, again.tokens)

@@ -29,7 +29,7 @@ def test_an_exported_copy_of_the_base_scores_exactly_the_base(tmp_path, capsys):
     run.close()
     heldout = load_script()
     out = tmp_path / "heldout.json"
-    argv = [str(exported), "--config", "configs/tiny.yaml", "--samples", "2",
+    argv = [str(exported), "--config", "configs/tiny.yaml", "--samples", "1",
             "--set", "sampling.max_new_tokens=8", "--set", "mesh.fsdp=1", "--json", str(out)]
     assert heldout.main(argv) == 0
     base, copy = json.loads(out.read_text())["results"]

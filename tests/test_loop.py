@@ -13,7 +13,6 @@ import pytest
 from optune_jax import reward_history, train
 from optune_jax.loop import OptuneRun
 from optune_jax.policy_trainer import PolicyTrainer
-from optune_jax.run.checkpoint import Checkpoints
 from optune_jax.run.config_file import load_config
 from optune_jax.run.errors import RunError
 
@@ -377,27 +376,3 @@ def test_a_truncated_newest_checkpoint_resumes_from_the_one_before(uninterrupted
     assert warning.endswith("(moved to checkpoints.damaged/); resuming from checkpoint 0")
     assert resuming == f"resuming {tmp_path / 'run'} from checkpoint 0: iteration 0 done, 1 to go"
     assert (tmp_path / "run" / "checkpoints.damaged" / "1" / "state").is_dir()  # kept, aside
-
-
-def test_non_finite_training_stops_in_one_line_and_exports_nothing(tmp_path, capsys):
-    # issue 20, case 1: learning rate 1e38; every update overflows and is skipped, and the
-    # third in a row (train.max_skipped_steps=3; two steps per iteration) stops iteration 1
-    out = tmp_path / "run"
-    sets = [*MICRO, ONE_DEVICE, "train.learning_rate=1e38", f"run.output_dir={out}"]
-    argv = ["--config", "configs/tiny.yaml", "--no-progress"]
-    assert train.main([*argv, *[x for s in sets for x in ("--set", s)]]) == 2
-    captured = capsys.readouterr()
-    err = captured.err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: iteration 1, step 1 of 2: 3 optimizer steps in a row were "
-                          "skipped, the last for a non-finite update")
-    # (case 8, the start-up line on prompts dropped for length: tests/test_prompts.py)
-    assert not (out / "model").exists() and not (out / "summary.md").exists()
-    ckpt = Checkpoints(out / "checkpoints")
-    assert ckpt.latest() == 0  # the checkpoint before the stop stays the newest
-    ckpt.close()
-    records = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
-               for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in records] == [-1, 0]
-    assert records[1]["train.skipped_steps"] == records[1]["train.steps"] == 2
-    assert records[1]["reward_kept"] is None  # case 3: strict JSON, null for NaN
