@@ -1,26 +1,20 @@
 """The reference pass (`ReferenceLogps`): chunked, summed or averaged, from host or device
 parameters, packed or not, its logps equal a direct full-sequence computation in NumPy."""
 
+import dataclasses
 import functools
 
 import jax
 import numpy as np
 import pytest
 
-from models import ModelConfig, forward, init_params
+from models import forward, init_params
 from optune_jax import pair_rows, sharding
 from optune_jax.reference import ReferenceLogps
 from optune_jax.train_step import PolicySpec
+from tests.test_train_step import CONFIG as TINY
 
-CONFIG = ModelConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-)
+CONFIG = dataclasses.replace(TINY, vocab_size=64)  # test_train_step's model, more tokens
 PROMPT, WIDTH = 6, 8  # rows of T = 14 tokens
 N, S = 5, 3  # 15 responses: a multiple of neither 4 nor 8 rows, nor of 2 prompts a chunk
 
